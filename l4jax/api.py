@@ -1,0 +1,104 @@
+"""Public entry points: ``load`` an HF checkpoint or ``init`` random weights, and the model handle they return."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import sharding as sh
+from .config import Llama4Config, TextConfig, load_config
+from .convert import hf
+from .gmm import IMPLS
+from .model import Llama4Text
+
+
+class Model:
+    """A loaded Llama 4: ``.config``, ``.params`` (a plain pytree) and ``__call__(ids, mask) -> logits``."""
+
+    def __init__(self, config: Llama4Config, params, *, dtype=jnp.float32, mesh=None, moe_impl: str = "scan"):
+        if moe_impl not in IMPLS:
+            raise ValueError(f"moe_impl: unknown {moe_impl!r}; expected one of {IMPLS}")
+        self.config, self.params, self.mesh, self.dtype = config, params, mesh, jnp.dtype(dtype)
+        self.module = Llama4Text(config.text, moe_impl=moe_impl, dtype=self.dtype, param_dtype=self.dtype)
+        self._forward = jax.jit(self._apply)
+
+    def _apply(self, params, input_ids, attention_mask):
+        with nn.logical_axis_rules(sh.RULES):
+            return self.module.apply({"params": params}, input_ids, attention_mask)
+
+    def __call__(self, input_ids, attention_mask=None) -> jax.Array:
+        """input_ids [B, T] ints < vocab; attention_mask [B, T] 0/1 (0 = left padding) -> logits [B, T, V]."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids: expected a 2-D integer array [B, T], got shape {ids.shape} {ids.dtype}")
+        V = self.config.text.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"input_ids: token ids must be in [0, {V}), found {ids.min()}..{ids.max()}")
+        mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: shape {mask.shape} does not match input_ids {ids.shape}")
+        return self._forward(self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+
+def abstract_params(cfg: TextConfig, dtype=jnp.float32):
+    """Boxed ShapeDtypeStructs of every parameter, carrying logical axis names; computes nothing."""
+    module = Llama4Text(cfg, dtype=dtype, param_dtype=dtype)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def param_shardings(cfg: TextConfig, mesh, dtype=jnp.float32):
+    """NamedSharding per parameter from the logical axis rules."""
+    boxed = abstract_params(cfg, dtype)
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sh.RULES)
+
+
+def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: int = 0, mesh=None,
+         moe_impl: str = "scan") -> Model:
+    """Random weights (normal, std 0.02; norms at 1), created directly in their shardings when a mesh is given."""
+    if not isinstance(config, Llama4Config):
+        config = Llama4Config(text=config) if isinstance(config, TextConfig) else load_config(config)
+    module = Llama4Text(config.text, dtype=dtype, param_dtype=dtype)
+    make = lambda key: nn.meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])  # noqa: E731
+    out_shardings = None if mesh is None else param_shardings(config.text, mesh, dtype)
+    params = jax.jit(make, out_shardings=out_shardings)(jax.random.key(seed))
+    return Model(config, params, dtype=dtype, mesh=mesh, moe_impl=moe_impl)
+
+
+def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan") -> Model:
+    """Load an HF Llama 4 folder (config.json + safetensors, single or sharded). Text weights only for now.
+
+    ``dtype`` defaults to the checkpoint's dtype. With a ``mesh`` each tensor is placed on its sharding as it is
+    read, so no device holds the whole model.
+    """
+    path = Path(path)
+    config = load_config(path)
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(hf.checkpoint_dtype(path))
+    boxed = abstract_params(config.text, dtype)
+    expected = nn.meta.unbox(boxed)
+    shardings = None if mesh is None else param_shardings(config.text, mesh, dtype)
+    params: dict = {}
+    for p, host in hf.stream(path, config.text, dtype):
+        want = _get(expected, p)
+        if host.shape != want.shape:  # a converter bug, not a user error
+            raise AssertionError(f"{'/'.join(p)}: converted shape {host.shape} != model shape {want.shape}")
+        _set(params, p, jax.device_put(host, None if shardings is None else _get(shardings, p)))
+    return Model(config, params, dtype=dtype, mesh=mesh, moe_impl=moe_impl)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value

@@ -1,0 +1,311 @@
+"""Model configuration: frozen dataclasses, built from an HF ``config.json`` or a preset in ``configs/``.
+
+Every value the reference reads is a field here; nothing in the model hard-codes Scout or Maverick.
+Configs are validated once, at construction, and errors name the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+# Presets live in the repository's top-level configs/ folder.
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or inconsistent; the message names the field."""
+
+
+def _fail(owner: str, field: str, msg: str):
+    raise ConfigError(f"{owner}.{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style frequency scaling (HF ``rope_parameters`` with ``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        if not self.factor > 0:
+            _fail("rope_scaling", "factor", f"must be > 0, got {self.factor}")
+        if not 0 < self.low_freq_factor <= self.high_freq_factor:
+            _fail("rope_scaling", "low_freq_factor",
+                  f"need 0 < low_freq_factor <= high_freq_factor, got {self.low_freq_factor} and {self.high_freq_factor}")
+        if not self.original_max_position_embeddings > 0:
+            _fail("rope_scaling", "original_max_position_embeddings",
+                  f"must be > 0, got {self.original_max_position_embeddings}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Llama 4 text decoder. Field names follow HF ``Llama4TextConfig`` where one exists.
+
+    ``rope_layers[i]`` is True when layer i applies RoPE (HF ``no_rope_layers[i] == 1``; the HF name reads
+    backwards). ``chunked_layers[i]`` is True when layer i uses chunked local attention (HF ``layer_types``).
+    """
+
+    vocab_size: int = 202048
+    hidden_size: int = 5120
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 8192
+    intermediate_size_mlp: int = 16384
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 1
+    moe_layers: tuple[int, ...] = ()
+    rope_layers: tuple[bool, ...] = ()
+    chunked_layers: tuple[bool, ...] = ()
+    attention_chunk_size: int | None = 8192
+    use_qk_norm: bool = True
+    attn_temperature_tuning: bool = True
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 131072
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        own = "TextConfig"
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "intermediate_size", "intermediate_size_mlp", "num_local_experts",
+                     "num_experts_per_tok", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                _fail(own, name, f"must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            _fail(own, "num_key_value_heads", f"num_attention_heads={self.num_attention_heads} is not divisible "
+                  f"by num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            _fail(own, "head_dim", f"must be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            _fail(own, "num_experts_per_tok", f"top-k {self.num_experts_per_tok} exceeds "
+                  f"num_local_experts={self.num_local_experts}")
+        L = self.num_hidden_layers
+        for name in ("rope_layers", "chunked_layers"):
+            if len(getattr(self, name)) != L:
+                _fail(own, name, f"has {len(getattr(self, name))} entries, expected num_hidden_layers={L}")
+        bad = [i for i in self.moe_layers if not 0 <= i < L]
+        if bad:
+            _fail(own, "moe_layers", f"indices {bad} are outside [0, {L})")
+        if len(set(self.moe_layers)) != len(self.moe_layers):
+            _fail(own, "moe_layers", f"has repeated indices: {list(self.moe_layers)}")
+        if self.attention_chunk_size is not None:
+            if isinstance(self.attention_chunk_size, bool) or not isinstance(self.attention_chunk_size, int) \
+                    or self.attention_chunk_size <= 0:
+                _fail(own, "attention_chunk_size", f"must be a positive integer or null, got "
+                      f"{self.attention_chunk_size!r}")
+        elif any(self.chunked_layers):
+            _fail(own, "chunked_layers", "chunked attention requested but attention_chunk_size is null")
+        if not self.floor_scale > 0:
+            _fail(own, "floor_scale", f"must be > 0, got {self.floor_scale}")
+        if not self.rope_theta > 0:
+            _fail(own, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        if not self.rms_norm_eps > 0:
+            _fail(own, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+
+    # -- derived facts ------------------------------------------------------------------------------------------
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "TextConfig":
+        """Build from an HF ``llama4_text`` dict (the ``text_config`` of a full ``llama4`` config)."""
+        d = dict(d)
+        base = {f.name: f.default for f in dataclasses.fields(cls)}
+        get = lambda k: d.get(k, base.get(k))  # noqa: E731
+        L = _int(get("num_hidden_layers"), "num_hidden_layers")
+        heads = _int(get("num_attention_heads"), "num_attention_heads")
+        kv = d.get("num_key_value_heads") or heads
+        head_dim = d.get("head_dim", 128)
+        if head_dim is None:  # older configs; HF falls back to hidden / heads
+            head_dim = _int(get("hidden_size"), "hidden_size") // heads
+
+        # HF no_rope_layers: 1 = the layer USES RoPE. Empty/None -> derived from the interval.
+        no_rope = d.get("no_rope_layers")
+        if not no_rope:
+            interval = _int(d.get("no_rope_layer_interval", 4), "no_rope_layer_interval")
+            no_rope = [int((i + 1) % interval != 0) for i in range(L)]
+        if any(v not in (0, 1, True, False) for v in no_rope):
+            _fail("TextConfig", "no_rope_layers", f"entries must be 0 or 1, got {list(no_rope)}")
+        rope_layers = tuple(bool(v) for v in no_rope)
+
+        moe = d.get("moe_layers")
+        if moe is None:
+            step = _int(d.get("interleave_moe_layer_step", 1), "interleave_moe_layer_step")
+            moe = list(range(step - 1, L, step))
+
+        chunk = d.get("attention_chunk_size", 8192)
+        layer_types = d.get("layer_types")
+        if layer_types is None:
+            chunked = rope_layers
+        else:
+            unknown = sorted(set(layer_types) - {"chunked_attention", "full_attention"})
+            if unknown:
+                _fail("TextConfig", "layer_types", f"unknown attention types {unknown}; expected "
+                      "'chunked_attention' or 'full_attention'")
+            chunked = tuple(t == "chunked_attention" for t in layer_types)
+        if chunk is None:  # e.g. Llama Guard 4: no chunking anywhere
+            chunked = (False,) * len(chunked)
+
+        theta, scaling = _rope_from_hf(d)
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            _fail("TextConfig", "hidden_act", f"only 'silu' is supported, got {act!r}")
+        if d.get("attention_bias", False):
+            _fail("TextConfig", "attention_bias", "attention biases are not part of Llama 4 and are not supported")
+        eos = d.get("eos_token_id", 2)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        # Legacy Scout configs carry attn_temperature_tuning: 4; any truthy value switches it on.
+        return cls(
+            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=L,
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+            intermediate_size=get("intermediate_size"), intermediate_size_mlp=get("intermediate_size_mlp"),
+            num_local_experts=get("num_local_experts"), num_experts_per_tok=get("num_experts_per_tok"),
+            moe_layers=tuple(int(i) for i in moe), rope_layers=rope_layers, chunked_layers=tuple(chunked),
+            attention_chunk_size=chunk, use_qk_norm=bool(get("use_qk_norm")),
+            attn_temperature_tuning=bool(get("attn_temperature_tuning")),
+            floor_scale=float(get("floor_scale")), attn_scale=float(get("attn_scale")),
+            rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(get("rms_norm_eps")),
+            tie_word_embeddings=bool(get("tie_word_embeddings")),
+            max_position_embeddings=get("max_position_embeddings"),
+            bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos, pad_token_id=d.get("pad_token_id"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The MetaCLIP-style vision encoder, adapter and projector (HF ``Llama4VisionConfig``).
+
+    Held now so that full ``llama4`` configs load; the vision model itself is built by the vision issue.
+    """
+
+    hidden_size: int = 1408
+    num_hidden_layers: int = 34
+    num_attention_heads: int = 16
+    intermediate_size: int = 5632
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    pixel_shuffle_ratio: float = 0.5
+    projector_input_dim: int = 4096
+    projector_output_dim: int = 4096
+    vision_output_dim: int = 4096
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        own = "VisionConfig"
+        if self.hidden_size % self.num_attention_heads:
+            _fail(own, "num_attention_heads", f"hidden_size={self.hidden_size} is not divisible by "
+                  f"num_attention_heads={self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            _fail(own, "patch_size", f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        expect = round(self.hidden_size / self.pixel_shuffle_ratio ** 2)
+        if self.intermediate_size != expect:
+            _fail(own, "intermediate_size", f"must equal hidden_size / pixel_shuffle_ratio**2 = {expect} (it is the "
+                  f"adapter's input width), got {self.intermediate_size}")
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "VisionConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        rp = d.get("rope_parameters") or {}
+        if "rope_theta" in rp:
+            kw["rope_theta"] = rp["rope_theta"]
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama4Config:
+    """A whole model: the text decoder and, for multimodal checkpoints, the vision tower."""
+
+    text: TextConfig
+    vision: VisionConfig | None = None
+    image_token_index: int = 200092  # <|patch|>: the placeholder overwritten by image features
+    boi_token_index: int = 200080
+    eoi_token_index: int = 200081
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "Llama4Config":
+        if "text_config" in d or d.get("model_type") == "llama4":
+            if "text_config" not in d:
+                _fail("Llama4Config", "text_config", "a 'llama4' config must contain text_config")
+            vision = d.get("vision_config")
+            return cls(text=TextConfig.from_hf(d["text_config"]),
+                       vision=VisionConfig.from_hf(vision) if vision else None,
+                       image_token_index=d.get("image_token_index", 200092),
+                       boi_token_index=d.get("boi_token_index", 200080),
+                       eoi_token_index=d.get("eoi_token_index", 200081))
+        return cls(text=TextConfig.from_hf(d))
+
+
+def load_config(source: str | Path | Mapping[str, Any]) -> Llama4Config:
+    """Config from a preset name (``scout``), a ``.yaml``/``.json`` file, an HF model folder, or a dict."""
+    if isinstance(source, Mapping):
+        return Llama4Config.from_hf(source)
+    path = Path(source)
+    if not path.exists() and (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no config at {str(source)!r}: not a file, a model folder with config.json, "
+                          f"or a preset ({', '.join(presets)})")
+    text = path.read_text()
+    try:
+        d = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot parse config: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
+    try:
+        return Llama4Config.from_hf(d.get("model", d))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail("TextConfig", name, f"must be an integer, got {v!r}")
+    return v
+
+
+def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """``rope_parameters`` (transformers 5) or legacy ``rope_scaling`` + ``rope_theta``."""
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", d.get("rope_theta", 500000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        _fail("TextConfig", "rope_scaling", f"unknown rope type {kind!r}; supported: 'default', 'llama3'")
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if k not in params]
+    if missing:
+        _fail("TextConfig", "rope_scaling", f"llama3 scaling is missing {missing}")
+    return theta, RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
+                              float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+
+
+__all__ = ["ConfigError", "RopeScaling", "TextConfig", "VisionConfig", "Llama4Config", "load_config"]

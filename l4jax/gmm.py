@@ -1,0 +1,123 @@
+"""Grouped matrix multiply for sparse MoE: rows sorted by group, each group multiplied by its own matrix.
+
+``gmm(x [M, K], w [G, K, N], sizes [G])`` computes ``x[rows of g] @ w[g]`` for every group g. Two backends:
+
+- ``"scan"`` (default, runs everywhere): the megablox schedule in plain XLA. The rows are cut into tiles of
+  ``tile`` rows; a ``lax.scan`` visits every (tile, group) pair that overlaps, at most ``M/tile + G - 1`` visits, and
+  skips the rest with ``lax.cond``. Work is ~(M + G*tile) * K * N, proportional to tokens x top-k, not to
+  tokens x experts. A custom VJP runs the backward pass on the same schedule (``dx = gmm(dy, w^T)``,
+  ``dw[g] = x_g^T dy_g``), so no per-step copy of an expert matrix is kept for autodiff.
+- ``"ragged_dot"``: ``jax.lax.ragged_dot``. Native and sparse on TPU; on XLA:CPU it lowers to a dense matmul over
+  every group (G times the work), and on GPU it depends on the XLA version (see ``shared/tools/gpu_probe.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("scan", "ragged_dot")
+
+
+def gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, *, impl: str = "scan", tile: int = 128) -> jax.Array:
+    """x [M, K] rows sorted by group; w [G, K, N]; sizes [G] int with sum <= M -> [M, N] (rows past sum are 0)."""
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(x, w, sizes.astype(jnp.int32),
+                                  preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
+    if impl != "scan":
+        raise ValueError(f"unknown gmm impl {impl!r}; expected one of {IMPLS}")
+    tile = max(8, min(tile, -(-x.shape[0] // 8) * 8))
+    return _gmm(x, w, sizes.astype(jnp.int32), tile)
+
+
+def _schedule(sizes: jax.Array, num_tiles: int, tile: int):
+    """The (group, tile) pairs to visit, in row order. Returns per-visit group, tile, valid, plus group bounds."""
+    G = sizes.shape[0]
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first = starts // tile
+    count = jnp.where(sizes > 0, (ends - 1) // tile - first + 1, 0)
+    visit_end = jnp.cumsum(count)
+    visits = jnp.arange(num_tiles + G - 1)
+    group = jnp.minimum(jnp.searchsorted(visit_end, visits, side="right"), G - 1)
+    tile_id = first[group] + visits - (visit_end - count)[group]
+    valid = visits < visit_end[-1]
+    return group, jnp.where(valid, tile_id, 0), valid, starts, ends
+
+
+def _tiles(x: jax.Array, tile: int) -> tuple[jax.Array, int]:
+    pad = -x.shape[0] % tile
+    return jnp.pad(x, ((0, pad), (0, 0))), (x.shape[0] + pad) // tile
+
+
+def _row_mask(t, g, starts, ends, tile):
+    rows = t * tile + jnp.arange(tile)
+    return (rows >= starts[g]) & (rows < ends[g])
+
+
+def _gmm_impl(x, w, sizes, tile, transpose_w=False):
+    M = x.shape[0]
+    N = w.shape[1] if transpose_w else w.shape[2]
+    xp, num_tiles = _tiles(x, tile)
+    group, tile_id, valid, starts, ends = _schedule(sizes, num_tiles, tile)
+    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+    out_dtype = jnp.result_type(x, w)
+
+    def visit(out, v):
+        g, t = group[v], tile_id[v]
+
+        def compute(out):
+            xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
+            y = jax.lax.dot_general(xt, w[g], dims, preferred_element_type=jnp.float32)
+            y = jnp.where(_row_mask(t, g, starts, ends, tile)[:, None], y, 0).astype(out_dtype)
+            cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile)
+            return jax.lax.dynamic_update_slice_in_dim(out, cur + y, t * tile, 0)
+
+        return jax.lax.cond(valid[v], compute, lambda o: o, out), None
+
+    out, _ = jax.lax.scan(visit, jnp.zeros((num_tiles * tile, N), out_dtype), jnp.arange(group.shape[0]))
+    return out[:M]
+
+
+def _tgmm_impl(x, dy, sizes, tile, w_dtype):
+    """dw[g] = x[rows of g]^T @ dy[rows of g] -> [G, K, N]."""
+    G, K, N = sizes.shape[0], x.shape[1], dy.shape[1]
+    xp, num_tiles = _tiles(x, tile)
+    dyp, _ = _tiles(dy, tile)
+    group, tile_id, valid, starts, ends = _schedule(sizes, num_tiles, tile)
+
+    def visit(dw, v):
+        g, t = group[v], tile_id[v]
+
+        def compute(dw):
+            xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
+            xt = jnp.where(_row_mask(t, g, starts, ends, tile)[:, None], xt, 0)
+            dt = jax.lax.dynamic_slice_in_dim(dyp, t * tile, tile)
+            upd = jax.lax.dot_general(xt, dt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return dw.at[g].add(upd)
+
+        return jax.lax.cond(valid[v], compute, lambda d: d, dw), None
+
+    dw, _ = jax.lax.scan(visit, jnp.zeros((G, K, N), jnp.float32), jnp.arange(group.shape[0]))
+    return dw.astype(w_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(x, w, sizes, tile):
+    return _gmm_impl(x, w, sizes, tile)
+
+
+def _gmm_fwd(x, w, sizes, tile):
+    return _gmm_impl(x, w, sizes, tile), (x, w, sizes)
+
+
+def _gmm_bwd(tile, res, dy):
+    x, w, sizes = res
+    dx = _gmm_impl(dy, w, sizes, tile, transpose_w=True).astype(x.dtype)
+    dw = _tgmm_impl(x, dy, sizes, tile, w.dtype)
+    return dx, dw, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
