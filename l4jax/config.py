@@ -264,11 +264,11 @@ def load_config(source: str | Path | Mapping[str, Any]) -> Llama4Config:
     if isinstance(source, Mapping):
         return Llama4Config.from_hf(source)
     path = Path(source)
-    if not path.exists() and (PRESET_DIR / f"{source}.yaml").exists():
-        path = PRESET_DIR / f"{source}.yaml"
     if path.is_dir():
         path = path / "config.json"
-    if not path.exists():
+    if not path.is_file() and (PRESET_DIR / f"{source}.yaml").is_file():
+        path = PRESET_DIR / f"{source}.yaml"
+    if not path.is_file():
         presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ConfigError(f"no config at {str(source)!r}: not a file, a model folder with config.json, "
                           f"or a preset ({', '.join(presets)})")

@@ -23,6 +23,7 @@ IMPLS = ("scan", "ragged_dot")
 
 def gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, *, impl: str = "scan", tile: int = 128) -> jax.Array:
     """x [M, K] rows sorted by group; w [G, K, N]; sizes [G] int with sum <= M -> [M, N] (rows past sum are 0)."""
+    x, w, sizes = jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w, sizes.astype(jnp.int32),
                                   preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
