@@ -11,7 +11,7 @@ import numpy as np
 
 from . import sharding as sh
 from .config import Llama4Config, TextConfig, load_config
-from .convert import hf
+from .convert import hf, orbax
 from .gmm import IMPLS
 from .model import Llama4Text
 
@@ -70,6 +70,15 @@ class Model:
             out = self._forward(self.params, sh.put(ids, tokens), sh.put(mask, tokens))
         return out[:B] if pad else out
 
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=None,
+                 max_length: int | None = None, callback=None) -> np.ndarray:
+        """[B, T] prompt (left-padded) -> [B, T + new] tokens. See ``l4jax.generate.generate``."""
+        from .generate import generate
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, max_length=max_length,
+                        callback=callback)
+
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
@@ -103,13 +112,22 @@ def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: in
 
 
 def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan") -> Model:
-    """Load an HF Llama 4 folder (config.json + safetensors, single or sharded). Text weights only for now.
+    """Load an HF Llama 4 folder (config.json + safetensors, single or sharded) or an l4jax checkpoint written by
+    ``l4jax convert``. Text weights only for now.
 
     ``dtype`` defaults to the checkpoint's dtype. With a ``mesh`` each tensor is placed on its sharding as it is
     read, so no device holds the whole model; with several processes (``l4jax.distributed``) every process reads
     the checkpoint and places only the shards of its own devices.
     """
     path = Path(path)
+    if orbax.is_checkpoint(path):
+        manifest = orbax.read_manifest(path)
+        config = Llama4Config.from_hf(manifest["config"])
+        stored = jnp.dtype(manifest["dtype"])
+        dtype = jnp.dtype(dtype) if dtype is not None else stored
+        shardings = None if mesh is None else param_shardings(config.text, mesh, dtype)
+        params = orbax.restore(path, nn.meta.unbox(abstract_params(config.text, stored)), shardings, dtype)
+        return Model(config, params, dtype=dtype, mesh=mesh, moe_impl=moe_impl)
     config = load_config(path)
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(hf.checkpoint_dtype(path))
     boxed = abstract_params(config.text, dtype)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from . import sharding as sh
 from .config import TextConfig
-from .masks import temperature_scales
+from .masks import attention_mask as build_mask, temperature_scales
 from .mlp import INIT
 from .norm import rms_normalize
 from .rope import apply_rope
@@ -36,6 +36,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     return out.reshape(B, T, H, hd)
 
 
+def cached_slots(length: int, n: jax.Array) -> jax.Array:
+    """Absolute slot held by each of ``length`` cache entries after ``n`` tokens were written; -1 where empty.
+
+    Entry e holds the latest slot i < n with i % length == e. For a full-length cache that is just e (if e < n);
+    for a chunk-sized ring it is the last ``length`` slots, which is all a chunked layer can ever see.
+    """
+    e = jnp.arange(length)
+    i = e + length * jnp.floor_divide(n - 1 - e, length)
+    return jnp.where(i >= 0, i, -1)
+
+
+def write_cache(cache: dict, k: jax.Array, v: jax.Array, q_index: jax.Array) -> dict:
+    """Store the newest k, v [B, T, K, hd] at entries slot % length (only the last ``length`` if T is longer)."""
+    length, T = cache["k"].shape[1], k.shape[1]
+    start = T - min(T, length)
+    entries = q_index[0, start:] % length
+    return {"k": cache["k"].at[:, entries].set(k[:, start:].astype(cache["k"].dtype)),
+            "v": cache["v"].at[:, entries].set(v[:, start:].astype(cache["v"].dtype))}
+
+
 class Attention(nn.Module):
     cfg: TextConfig
     layer: int
@@ -43,12 +63,18 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 q_index: jax.Array) -> jax.Array:
-        """x [B, T, D]; cos/sin [B, T, hd/2]; mask [B, T, T] bool; q_index [1|B, T] absolute cache slots."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_index: jax.Array, token_valid: jax.Array,
+                 left_pad: jax.Array, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """x [B, T, D]; cos/sin [B, T, hd/2]; q_index [1, T] absolute slots of these tokens; token_valid [B, S]
+        (False on padding, indexed by absolute slot); left_pad [B]; cache {"k", "v"} [B, L, K, hd] or None.
+
+        Returns (out [B, T, D], the cache with these tokens written). Keys are the cached entries followed by the
+        fresh ones, so prefill, decode and a plain forward are the same code.
+        """
         cfg = self.cfg
         D, H, K, hd = x.shape[-1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         use_rope = cfg.rope_layers[self.layer]
+        chunked = cfg.chunked_layers[self.layer]
         p = lambda name, shape, axes: self.param(  # noqa: E731
             name, nn.with_logical_partitioning(INIT, axes), shape, self.param_dtype).astype(self.dtype)
         wq = p("q", (D, H, hd), (sh.EMBED, sh.HEADS, sh.HEAD_DIM))     # "btd,dhk->bthk"
@@ -67,8 +93,19 @@ class Attention(nn.Module):
             if cfg.use_qk_norm:  # after RoPE, per head, no weight, eps = rms_norm_eps
                 q, k = rms_normalize(q, cfg.rms_norm_eps), rms_normalize(k, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:
-            s = temperature_scales(q_index, cfg.floor_scale, cfg.attn_scale)  # [1|B, T] fp32
+            s = temperature_scales(q_index, cfg.floor_scale, cfg.attn_scale)  # [1, T] fp32
             q = (q.astype(jnp.float32) * s[:, :, None, None]).astype(q.dtype)
-        with jax.named_scope("chunked_attention" if cfg.chunked_layers[self.layer] else "global_attention"):
-            out = attend(q, k, v, mask, hd ** -0.5)
-        return jnp.einsum("bthk,hkd->btd", out, wo)
+
+        if cache is None:
+            keys, values, k_index, new_cache = k, v, q_index, None
+        else:
+            cached = cached_slots(cache["k"].shape[1], q_index[0, 0])[None]
+            keys = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+            k_index = jnp.concatenate([cached, q_index], axis=1)
+            new_cache = write_cache(cache, k, v, q_index)
+        key_valid = (k_index >= 0) & jnp.take(token_valid, jnp.maximum(k_index[0], 0), axis=1)
+        mask = build_mask(q_index, k_index, key_valid, left_pad, cfg.attention_chunk_size if chunked else None)
+        with jax.named_scope("chunked_attention" if chunked else "global_attention"):
+            out = attend(q, keys, values, mask, hd ** -0.5)
+        return jnp.einsum("bthk,hkd->btd", out, wo), new_cache

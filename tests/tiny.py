@@ -6,8 +6,13 @@ sequences of ~20 tokens cross chunk boundaries and temperature tuning is active.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
@@ -70,3 +75,44 @@ def rel_err(ours, ref, mask) -> float:
     """max |ours - ref| over real tokens, relative to the largest reference logit."""
     sel = np.asarray(mask).astype(bool)
     return float(np.abs(np.asarray(ours, np.float32) - ref)[sel].max() / np.abs(ref[sel]).max())
+
+
+# In Llama 4's order (ids 200000, 200001, 200005..200009, 200018, 200080, 200081, 200090, 200092 in the real vocab;
+# here they follow the trained vocabulary in this order).
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>",
+            "<|step|>", "<|finetune_right_pad|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>"]
+CORPUS = ["Hello world, this is a tiny corpus for the tokenizer test.",
+          "naïve café, crème brûlée and a piñata",
+          "日本語のテキストと日本の文化", "Ελληνικά και русский текст",
+          "emoji 🙂🚀 and math ∑∫√", "the quick brown fox jumps over the lazy dog"] * 4
+
+
+def make_tokenizer(path: Path) -> int:
+    """Write a small Llama-4-style tokenizer into ``path``: tokenizer.json (byte-level BPE + Llama 4 specials +
+    BOS post-processor, like the real export), tokenizer_config.json and generation_config.json. Returns the id of
+    the first special token (the trained vocabulary's size); the specials follow in SPECIALS order."""
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    base = tok.get_vocab_size()
+    tok.add_special_tokens(SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", base)])
+    tok.save(str(path / "tokenizer.json"))
+    added = {str(base + i): {"content": s, "special": True, "lstrip": False, "rstrip": False,
+                             "normalized": False, "single_word": False} for i, s in enumerate(SPECIALS)}
+    # Declared only here, not in tokenizer.json: the wrapper must add it with this id.
+    added[str(base + len(SPECIALS))] = {"content": "<|reserved_special_token_0|>", "special": True}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot|>", "special": True},
+        "pad_token": "<|finetune_right_pad|>", "added_tokens_decoder": added,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    ids = {s: base + i for i, s in enumerate(SPECIALS)}
+    (path / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids["<|begin_of_text|>"],
+        "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]]}))
+    return base
+
+

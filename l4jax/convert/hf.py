@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 checkpoints)
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -28,17 +29,14 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """One l4jax parameter, read from (a slice of) one HF tensor and transformed."""
+    """One l4jax parameter, read from (a slice of) one HF tensor, optionally transposed, then reshaped."""
 
     key: str                        # HF tensor name
     shape: tuple[int, ...]          # expected HF shape
     path: tuple[str, ...]           # l4jax parameter path
-    transform: Callable[[np.ndarray], np.ndarray] = lambda a: a
-    part: tuple[slice, ...] | None = None  # read only this slice of the HF tensor
-
-
-def _t(a):  # nn.Linear [out, in] -> kernel [in, out]
-    return a.T
+    transpose: bool = False         # nn.Linear [out, in] -> kernel [in, out] (2-D tensors only)
+    out_shape: tuple[int, ...] | None = None  # final reshape of the (transposed) tensor
+    part: tuple[slice, ...] | None = None     # read only this slice of the HF tensor (first axis whole)
 
 
 def text_sources(cfg: TextConfig, prefix: str, head_key: str) -> list[Source]:
@@ -48,35 +46,35 @@ def text_sources(cfg: TextConfig, prefix: str, head_key: str) -> list[Source]:
     out = [Source(prefix + "embed_tokens.weight", (V, D), ("embed",)),
            Source(prefix + "norm.weight", (D,), ("norm", "scale"))]
     if not cfg.tie_word_embeddings:
-        out.append(Source(head_key, (V, D), ("lm_head",), _t))
+        out.append(Source(head_key, (V, D), ("lm_head",), transpose=True))
     for i in range(cfg.num_hidden_layers):
         hf, us = f"{prefix}layers.{i}.", (f"layers_{i}",)
         out += [
             Source(hf + "input_layernorm.weight", (D,), us + ("input_norm", "scale")),
             Source(hf + "post_attention_layernorm.weight", (D,), us + ("post_norm", "scale")),
-            Source(hf + "self_attn.q_proj.weight", (H * hd, D), us + ("attn", "q"), lambda a: a.T.reshape(D, H, hd)),
-            Source(hf + "self_attn.k_proj.weight", (K * hd, D), us + ("attn", "k"), lambda a: a.T.reshape(D, K, hd)),
-            Source(hf + "self_attn.v_proj.weight", (K * hd, D), us + ("attn", "v"), lambda a: a.T.reshape(D, K, hd)),
-            Source(hf + "self_attn.o_proj.weight", (D, H * hd), us + ("attn", "o"), lambda a: a.T.reshape(H, hd, D)),
+            Source(hf + "self_attn.q_proj.weight", (H * hd, D), us + ("attn", "q"), True, (D, H, hd)),
+            Source(hf + "self_attn.k_proj.weight", (K * hd, D), us + ("attn", "k"), True, (D, K, hd)),
+            Source(hf + "self_attn.v_proj.weight", (K * hd, D), us + ("attn", "v"), True, (D, K, hd)),
+            Source(hf + "self_attn.o_proj.weight", (D, H * hd), us + ("attn", "o"), True, (H, hd, D)),
         ]
         ff = hf + "feed_forward."
         if cfg.is_moe(i):
             moe = us + ("moe",)
             out += [
-                Source(ff + "router.weight", (E, D), moe + ("router",), _t),
+                Source(ff + "router.weight", (E, D), moe + ("router",), transpose=True),
                 # Experts are stored [E, in, out] and used as x @ W: no transpose. gate_up is gate first, then up.
                 Source(ff + "experts.gate_up_proj", (E, D, 2 * F), moe + ("gate",), part=np.s_[:, :, :F]),
                 Source(ff + "experts.gate_up_proj", (E, D, 2 * F), moe + ("up",), part=np.s_[:, :, F:]),
                 Source(ff + "experts.down_proj", (E, F, D), moe + ("down",)),
-                Source(ff + "shared_expert.gate_proj.weight", (F, D), moe + ("shared", "gate"), _t),
-                Source(ff + "shared_expert.up_proj.weight", (F, D), moe + ("shared", "up"), _t),
-                Source(ff + "shared_expert.down_proj.weight", (D, F), moe + ("shared", "down"), _t),
+                Source(ff + "shared_expert.gate_proj.weight", (F, D), moe + ("shared", "gate"), transpose=True),
+                Source(ff + "shared_expert.up_proj.weight", (F, D), moe + ("shared", "up"), transpose=True),
+                Source(ff + "shared_expert.down_proj.weight", (D, F), moe + ("shared", "down"), transpose=True),
             ]
         else:
             out += [
-                Source(ff + "gate_proj.weight", (Fm, D), us + ("mlp", "gate"), _t),
-                Source(ff + "up_proj.weight", (Fm, D), us + ("mlp", "up"), _t),
-                Source(ff + "down_proj.weight", (D, Fm), us + ("mlp", "down"), _t),
+                Source(ff + "gate_proj.weight", (Fm, D), us + ("mlp", "gate"), transpose=True),
+                Source(ff + "up_proj.weight", (Fm, D), us + ("mlp", "up"), transpose=True),
+                Source(ff + "down_proj.weight", (D, Fm), us + ("mlp", "down"), transpose=True),
             ]
     return out
 
@@ -122,10 +120,13 @@ class SafetensorsIndex:
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def read(self, key: str, part: tuple[slice, ...] | None = None) -> np.ndarray:
+        """One tensor (or a slice of it), copied out of a freshly opened file: the file's memory map is dropped
+        right after, so mapped pages of tensors already read do not accumulate in resident memory."""
         f = self.files[key]
         try:
-            sl = self._open(f).get_slice(key)
-            return np.asarray(sl[part] if part is not None else sl[:])
+            with safe_open(str(f), framework="numpy") as h:
+                sl = h.get_slice(key)
+                return np.array(sl[part] if part is not None else sl[:])
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from e
 
@@ -168,13 +169,40 @@ def plan(index: SafetensorsIndex, cfg: TextConfig) -> list[Source]:
     return sources
 
 
+BLOCK_BYTES = 64 << 20
+
+
+def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
+    """Read, transpose, cast and reshape one parameter into a single fresh array.
+
+    The output is allocated once and filled in blocks of ~64 MB of rows, so a transpose or a cast never holds a
+    second full copy of the tensor: peak memory is the output plus one block.
+    """
+    part = s.part or tuple(slice(None) for _ in s.shape)
+    src_shape = tuple(len(range(*sl.indices(n))) for sl, n in zip(part, s.shape))
+    _, stored = index.info(s.key)
+    dtype = np.dtype(dtype) if dtype is not None else index.read(s.key, (slice(0, 0),) + part[1:]).dtype
+    out = np.empty(src_shape[::-1] if s.transpose else src_shape, dtype)
+    rows = src_shape[0]
+    step = max(1, BLOCK_BYTES // max(1, int(np.prod(src_shape[1:])) * out.itemsize))
+    for i in range(0, rows, step):
+        block = index.read(s.key, (slice(i, min(i + step, rows)),) + part[1:])
+        if s.transpose:
+            out[:, i:i + step] = block.T
+        else:
+            out[i:i + step] = block
+        del block
+    return out.reshape(s.out_shape) if s.out_shape else out
+
+
 def stream(folder: str | Path, cfg: TextConfig, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yield (l4jax path, host array) one parameter at a time; peak memory is about one HF tensor."""
+    """Yield (l4jax path, host array) one parameter at a time; peak memory is about one parameter."""
     index = SafetensorsIndex(folder)
     try:
-        for s in plan(index, cfg):
-            a = s.transform(index.read(s.key, s.part))
-            yield s.path, np.ascontiguousarray(a if dtype is None else a.astype(dtype))
+        sources = plan(index, cfg)
+        index.close()  # headers checked; from here each read opens and closes its own file
+        for s in sources:
+            yield s.path, load_source(index, s, dtype)
     finally:
         index.close()
 

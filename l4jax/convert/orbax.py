@@ -1,0 +1,116 @@
+"""The l4jax checkpoint format: Orbax, one item per parameter, written and read one tensor at a time.
+
+    <dir>/l4jax.json        {"format": "l4jax-orbax", "version": 1, "dtype": ..., "config": <HF config dict>,
+                             "params": [parameter paths, "/"-joined]}
+    <dir>/params/<path>/    an Orbax StandardCheckpointer item holding that one array
+    <dir>/tokenizer*.json   copied from the source model, when present
+
+One Orbax item per tensor (rather than one pytree) is what bounds memory: Orbax 0.12 saves a pytree in one call, so
+a whole-model save needs the whole model in host memory. Restoring targets each item's NamedSharding, so every
+process reads only its devices' shards. A checkpoint is written into a temporary sibling folder and renamed into
+place at the end: an interrupted conversion never leaves a half-written checkpoint at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT, VERSION = "l4jax-orbax", 1
+MANIFEST = "l4jax.json"
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path) -> dict:
+    f = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: unreadable l4jax manifest: {e}") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{f}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this l4jax "
+                         f"reads {FORMAT!r} version {VERSION}")
+    return manifest
+
+
+def save(items: Iterable[tuple[tuple[str, ...], np.ndarray]], out: str | Path, *, config: dict, dtype: str,
+         side_files_from: str | Path | None = None, progress: Callable[[int], None] | None = None) -> Path:
+    """Write (path, host array) pairs as an l4jax checkpoint at ``out`` (which must not exist yet).
+
+    ``progress`` is called with each tensor's byte count after it is written.
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite a checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        names = []
+        with ocp.StandardCheckpointer() as ckptr:
+            for path, array in items:
+                name = "/".join(path)
+                ckptr.save(tmp / "params" / name, {"value": array})
+                ckptr.wait_until_finished()  # one tensor in flight: bounded memory
+                names.append(name)
+                if progress is not None:
+                    progress(array.nbytes)
+        if side_files_from is not None:
+            for f in SIDE_FILES:
+                if (Path(side_files_from) / f).is_file():
+                    shutil.copy2(Path(side_files_from) / f, tmp / f)
+        (tmp / MANIFEST).write_text(json.dumps(
+            {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names}, indent=1))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None) -> dict:
+    """Read every parameter of ``abstract`` (ShapeDtypeStructs in the stored dtype) onto its sharding, one at a
+    time, cast to ``dtype`` when given."""
+    path = Path(path)
+    names = set(read_manifest(path)["params"])
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    want = {"/".join(k.key for k in keys): leaf for keys, leaf in flat}
+    missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    params: dict = {}
+    with ocp.StandardCheckpointer() as ckptr:
+        for name, leaf in want.items():
+            keys = name.split("/")
+            sharding = _get(shardings, keys) if shardings is not None else jax.sharding.SingleDeviceSharding(
+                jax.devices()[0])
+            target = {"value": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)}
+            try:
+                value = ckptr.restore(path / "params" / name, target)["value"]
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"{path}: cannot restore parameter {name!r} as {leaf.shape} {leaf.dtype}: {e}") from e
+            if dtype is not None and value.dtype != dtype:
+                value = value.astype(dtype)
+            node = params
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+    return params
+
+
+def _get(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree

@@ -1,0 +1,105 @@
+"""KV cache and generation: prefill + decode equals the full forward at every step, greedy tokens equal
+transformers' generate, the ring buffer size, streaming and input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import l4jax
+from l4jax.generate import generate, stream
+from l4jax.model import init_cache
+from tiny import batch, hf_model, save
+
+NEW = 34  # > 4 chunks of 8 past the prompt
+
+
+@pytest.fixture(scope="module", params=["scout", "top2"])
+def pair(request, tmp_path_factory):
+    model = hf_model(request.param, seed=7)
+    return model, l4jax.load(save(model, tmp_path_factory.mktemp(request.param)))
+
+
+PROMPT = batch(lengths=(11, 6, 3), seed=1)[:2]  # one shape for every generate call: compiled once per model
+
+
+@pytest.fixture(scope="module")
+def free_run(pair):
+    """Greedy tokens with no stop token, [3, 11 + NEW]."""
+    return generate(pair[1], *PROMPT, max_new_tokens=NEW, stop_tokens=())
+
+
+def test_greedy_tokens_equal_transformers_generate(pair, free_run):
+    hf, _ = pair
+    ids, mask = PROMPT
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=NEW,
+                          min_new_tokens=NEW, do_sample=False, pad_token_id=0).numpy()
+    assert free_run.shape == ref.shape == (3, 11 + NEW)
+    np.testing.assert_array_equal(free_run, ref)
+
+
+def test_prefill_then_decode_logits_equal_full_forward(pair):
+    """Run the cache one token at a time (after a prompt) and compare every step's logits with one full forward."""
+    _, ours = pair
+    cfg = ours.config.text
+    ids, mask, _ = batch(lengths=(13, 5), seed=2)
+    rng = np.random.default_rng(0)
+    T, extra = ids.shape[1], 20
+    full_ids = np.concatenate([ids, rng.integers(3, 300, size=(2, extra))], axis=1)
+    full_mask = np.pad(mask, ((0, 0), (0, extra)), constant_values=1)
+    ref = np.asarray(ours(full_ids, full_mask))
+    apply = jax.jit(lambda p, i, c, o: ours.module.apply({"params": p}, i, jnp.asarray(full_mask), cache=c,
+                                                          offset=o))
+    cache = init_cache(cfg, 2, T + extra)
+    logits, cache = apply(ours.params, jnp.asarray(ids), cache, 0)
+    steps = [np.asarray(logits)]
+    for t in range(T, T + extra):
+        logits, cache = apply(ours.params, jnp.asarray(full_ids[:, t:t + 1]), cache, t)
+        steps.append(np.asarray(logits))
+    got = np.concatenate(steps, axis=1)
+    sel = full_mask.astype(bool)
+    assert np.abs(got - ref)[sel].max() <= 1e-5 * np.abs(ref[sel]).max()
+
+
+def test_ring_buffer_holds_exactly_chunk_entries():
+    cfg = l4jax.load_config("scout").text
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 65536, jnp.bfloat16))
+    for i in range(cfg.num_hidden_layers):
+        want = cfg.attention_chunk_size if cfg.chunked_layers[i] else 65536
+        assert cache[f"layers_{i}"]["k"].shape == (1, want, 8, 128)
+    full = 48 * 65536
+    ours = sum(c["k"].shape[1] for c in cache.values())
+    assert ours / full == pytest.approx((12 * 65536 + 36 * 8192) / full)  # 0.34: ~2/3 less at 64k, -> 1/4 at 1M
+
+
+def test_stop_tokens_stream_and_callback(pair, free_run):
+    _, ours = pair
+    ids, mask = PROMPT
+    T = ids.shape[1]
+    first = int(free_run[0, T])  # row 0 stops at its first new token; the others run until they emit it
+    seen = []
+    got = generate(ours, ids, mask, max_new_tokens=NEW, stop_tokens=[first], callback=seen.append)
+    assert len(seen) == got.shape[1] - T and np.array_equal(np.stack(seen, 1), got[:, T:])
+    for row in range(3):
+        hits = np.flatnonzero(free_run[row, T:] == first)
+        n = hits[0] + 1 if hits.size else NEW
+        np.testing.assert_array_equal(got[row, T:T + n], free_run[row, T:T + n])
+        assert (got[row, T + n:] == 0).all()  # padded after its stop token
+    it = stream(ours, ids, mask, max_new_tokens=NEW, stop_tokens=())
+    assert [next(it).tolist() for _ in range(3)] == free_run[:, T:T + 3].T.tolist()
+
+
+def test_generate_errors(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
+        generate(ours, [[1, 300]])
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(ours, np.zeros((1, 0), int))
+    with pytest.raises(ValueError, match=r"rows \[1\] are empty"):
+        generate(ours, [[1, 2], [0, 0]], [[1, 1], [0, 0]])
+    with pytest.raises(ValueError, match="prompt length 5 leaves no room under max_length 5"):
+        generate(ours, [[1, 2, 3, 4, 5]], max_length=5)
+    with pytest.raises(ValueError, match=r"unknown token ids \[999\]"):
+        generate(ours, [[1, 2]], stop_tokens=[2, 999])
