@@ -79,6 +79,13 @@ class Model:
                         top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, max_length=max_length,
                         callback=callback)
 
+    def save(self, path: str | Path) -> Path:
+        """Write the parameters as an l4jax (Orbax) checkpoint, one tensor at a time; ``l4jax.load`` reads it back
+        onto any mesh. With several processes every process calls it and writes only its own shards."""
+        leaves = jax.tree_util.tree_flatten_with_path(self.params)[0]
+        items = ((tuple(k.key for k in keys), leaf) for keys, leaf in leaves)
+        return orbax.save(items, path, config=self.config.to_hf(), dtype=self.dtype.name)
+
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 

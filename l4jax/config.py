@@ -39,7 +39,8 @@ class RopeScaling:
             _fail("rope_scaling", "factor", f"must be > 0, got {self.factor}")
         if not 0 < self.low_freq_factor <= self.high_freq_factor:
             _fail("rope_scaling", "low_freq_factor",
-                  f"need 0 < low_freq_factor <= high_freq_factor, got {self.low_freq_factor} and {self.high_freq_factor}")
+                  f"need 0 < low_freq_factor <= high_freq_factor, got {self.low_freq_factor} and "
+                  f"{self.high_freq_factor}")
         if not self.original_max_position_embeddings > 0:
             _fail("rope_scaling", "original_max_position_embeddings",
                   f"must be > 0, got {self.original_max_position_embeddings}")
@@ -193,6 +194,26 @@ class TextConfig:
         )
 
 
+    def to_hf(self) -> dict:
+        """An HF ``llama4_text`` config dict with every derived list written out; ``from_hf`` inverts it."""
+        rs = self.rope_scaling
+        return dict(
+            model_type="llama4_text", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size, intermediate_size_mlp=self.intermediate_size_mlp,
+            num_local_experts=self.num_local_experts, num_experts_per_tok=self.num_experts_per_tok,
+            moe_layers=list(self.moe_layers), no_rope_layers=[int(r) for r in self.rope_layers],
+            layer_types=["chunked_attention" if c else "full_attention" for c in self.chunked_layers],
+            attention_chunk_size=self.attention_chunk_size, use_qk_norm=self.use_qk_norm,
+            attn_temperature_tuning=self.attn_temperature_tuning, floor_scale=self.floor_scale,
+            attn_scale=self.attn_scale, rope_theta=self.rope_theta,
+            rope_scaling=None if rs is None else dict(rope_type="llama3", **dataclasses.asdict(rs)),
+            rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings, bos_token_id=self.bos_token_id,
+            eos_token_id=list(self.eos_token_id), pad_token_id=self.pad_token_id, hidden_act="silu")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """The MetaCLIP-style vision encoder, adapter and projector (HF ``Llama4VisionConfig``).
@@ -257,6 +278,15 @@ class Llama4Config:
                        boi_token_index=d.get("boi_token_index", 200080),
                        eoi_token_index=d.get("eoi_token_index", 200081))
         return cls(text=TextConfig.from_hf(d))
+
+    def to_hf(self) -> dict:
+        """An HF config dict: ``llama4_text`` alone, or a full ``llama4`` config when there is a vision tower."""
+        if self.vision is None:
+            return self.text.to_hf()
+        return dict(model_type="llama4", text_config=self.text.to_hf(),
+                    vision_config=dict(dataclasses.asdict(self.vision), model_type="llama4_vision_model"),
+                    image_token_index=self.image_token_index, boi_token_index=self.boi_token_index,
+                    eoi_token_index=self.eoi_token_index)
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> Llama4Config:

@@ -2,7 +2,8 @@
 
 Each worker is a fresh Python process (the device count is fixed at jax import), joins the job through
 ``l4jax.distributed.initialize``, loads the checkpoint onto a mesh over all 8 global devices (each process placing
-only its own shards), runs the forward and gathers the logits.
+only its own shards), runs the forward and gathers the logits; then saves the sharded model as an l4jax (Orbax)
+checkpoint from both processes and restores it onto another mesh.
 """
 
 import os
@@ -23,7 +24,7 @@ WORKER = textwrap.dedent("""
     import numpy as np
     import l4jax
 
-    address, pid, folder, data, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    address, pid, folder, data, out, saved = sys.argv[1], int(sys.argv[2]), *sys.argv[3:7]
     l4jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=pid)
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     ids, mask = np.load(data)["ids"], np.load(data)["mask"]
@@ -34,6 +35,11 @@ WORKER = textwrap.dedent("""
         model = l4jax.load(folder, mesh=l4jax.make_mesh(**shape))
         assert not model.params["embed"].is_fully_addressable  # really spread over both processes
         results[name] = l4jax.distributed.to_numpy(model(ids, mask))
+    # Checkpointing across processes: each process writes its own shards of the expert4_tensor2 model, then the
+    # checkpoint is read back onto a different mesh.
+    model.save(saved)
+    restored = l4jax.load(saved, mesh=l4jax.make_mesh(fsdp=2, tensor=4))
+    results["saved_then_restored"] = l4jax.distributed.to_numpy(restored(ids, mask))
     if l4jax.distributed.is_main():
         np.savez(out, **results)
     l4jax.distributed.sync("done")
@@ -61,7 +67,8 @@ def test_two_processes_match_one(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "logits.npz"
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i), folder, str(tmp_path / "batch.npz"),
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               str(out), str(tmp_path / "saved")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = []
     try:
@@ -76,7 +83,7 @@ def test_two_processes_match_one(tmp_path):
 
     results = np.load(out)
     real = mask.astype(bool)
-    for name in ("data2_expert2_tensor2", "expert4_tensor2"):
+    for name in ("data2_expert2_tensor2", "expert4_tensor2", "saved_then_restored"):
         got = results[name]
         assert got.shape == single.shape, name
         np.testing.assert_allclose(got[real], single[real], rtol=0, atol=1e-5, err_msg=name)

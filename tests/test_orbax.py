@@ -76,3 +76,19 @@ def test_mismatched_checkpoint_names_the_problem(converted, tmp_path):
     (tmp_path / "c" / "l4jax.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="version 99"):
         l4jax.load(tmp_path / "c")
+
+
+def test_model_save_from_a_mesh_restores_onto_another(converted, tmp_path):
+    ids, mask, _ = batch()
+    ref = np.asarray(l4jax.load(converted / "hf")(ids, mask))
+    model = l4jax.load(converted / "hf", mesh=l4jax.make_mesh(expert=4, tensor=2))
+    model.save(tmp_path / "saved")
+    back = l4jax.load(tmp_path / "saved", mesh=l4jax.make_mesh(fsdp=8))
+    assert back.config == model.config
+    np.testing.assert_allclose(np.asarray(back(ids, mask)), ref, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("preset", ["scout", "maverick", "tiny"])
+def test_config_to_hf_round_trips(preset):
+    cfg = l4jax.load_config(preset)
+    assert l4jax.Llama4Config.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg

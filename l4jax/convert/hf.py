@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 checkpoints)
 import numpy as np

@@ -1,0 +1,128 @@
+"""Streaming conversion benchmark: peak host memory and throughput of ``l4jax convert`` against a plain read.
+
+    python bench/convert.py [--config bench] [--layers 8] [--dir /tmp/l4jax-bench-convert]
+
+Writes a random bf16 HF checkpoint of the given config (the ``bench`` preset is ~3.7 GB) as ~1 GB safetensors
+shards with the HF key names, then runs, each in a fresh process: (1) a plain read of every tensor with
+``safe_open`` and (2) ``l4jax convert``. Prints a table of seconds, MB/s and peak RSS, with the bound the issue sets
+(largest tensor + 1 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from l4jax.config import load_config
+from l4jax.convert.hf import text_sources
+
+PLAIN_READ = """
+import sys, json
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+from pathlib import Path
+from safetensors import safe_open
+folder = Path(sys.argv[1])
+files = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+total = 0
+for f in files:
+    with safe_open(str(folder / f), framework="numpy") as h:
+        for k in h.keys():
+            total += h.get_tensor(k).nbytes
+print(total)
+"""
+
+
+def write_checkpoint(folder: Path, config_name: str, layers: int | None, shard_bytes: int = 1 << 30) -> dict:
+    hf_cfg = dict(_hf_config(config_name), model_type="llama4_text")
+    if layers is not None:
+        hf_cfg["num_hidden_layers"] = layers
+    cfg = load_config(hf_cfg).text
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(hf_cfg))
+    rng = np.random.default_rng(0)
+    seen, shard, size, weight_map, n = set(), {}, 0, {}, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(folder / name))
+            weight_map.update({k: name for k in shard})
+            shard, size, n = {}, 0, n + 1
+
+    for s in text_sources(cfg, "model.", "lm_head.weight"):
+        if s.key in seen:
+            continue
+        seen.add(s.key)
+        a = rng.standard_normal(s.shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
+        if size + a.nbytes > shard_bytes:
+            flush()
+        shard[s.key], size = a, size + a.nbytes
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return hf_cfg
+
+
+def _hf_config(name: str) -> dict:
+    import yaml
+
+    from l4jax.config import PRESET_DIR
+    d = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+    return d.get("text_config", d)
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Seconds and peak RSS (GiB) of one child process.
+
+    Peak RSS is the child's VmHWM, polled from /proc: ``wait4``'s ru_maxrss would also count the memory the child
+    inherited from this (large) process before exec.
+    """
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]))
+        except (FileNotFoundError, IndexError, ProcessLookupError):
+            pass
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return time.perf_counter() - t, peak / 2**20  # kB -> GiB
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="bench")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--dir", default="/tmp/l4jax-bench-convert")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    src, dst = root / "hf", root / "l4jax"
+    write_checkpoint(src, args.config, args.layers)
+    total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    largest = max(int(np.prod(s.shape)) * 2 for s in text_sources(load_config(src).text, "model.", "lm_head.weight"))
+    rows = [("plain safe_open read", *run([sys.executable, "-c", PLAIN_READ, str(src)])),
+            ("l4jax convert", *run([sys.executable, "-m", "l4jax.cli", "convert", "--from-hf", str(src),
+                                    "--to", str(dst)]))]
+    print(f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, largest tensor "
+          f"{largest / 1e9:.2f} GB; bound = largest + 1 GB = {largest / 2**30 + 1:.2f} GiB")
+    print(f"{'workload':24s} {'seconds':>8s} {'MB/s':>8s} {'peak RSS GiB':>13s}")
+    for name, sec, rss in rows:
+        print(f"{name:24s} {sec:8.1f} {total / 1e6 / sec:8.0f} {rss:13.2f}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
