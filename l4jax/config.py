@@ -206,7 +206,9 @@ class TextConfig:
             moe_layers=list(self.moe_layers), no_rope_layers=[int(r) for r in self.rope_layers],
             layer_types=["chunked_attention" if c else "full_attention" for c in self.chunked_layers],
             attention_chunk_size=self.attention_chunk_size, use_qk_norm=self.use_qk_norm,
-            attn_temperature_tuning=self.attn_temperature_tuning, floor_scale=self.floor_scale,
+            attn_temperature_tuning=self.attn_temperature_tuning,
+            # transformers' strict config types floor_scale as int.
+            floor_scale=int(self.floor_scale) if float(self.floor_scale).is_integer() else self.floor_scale,
             attn_scale=self.attn_scale, rope_theta=self.rope_theta,
             rope_scaling=None if rs is None else dict(rope_type="llama3", **dataclasses.asdict(rs)),
             rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,

@@ -103,3 +103,12 @@ def test_generate_errors(pair):
         generate(ours, [[1, 2, 3, 4, 5]], max_length=5)
     with pytest.raises(ValueError, match=r"unknown token ids \[999\]"):
         generate(ours, [[1, 2]], stop_tokens=[2, 999])
+
+
+def test_decode_step_compiles_once_per_shape_not_per_token(pair):
+    from l4jax.generate import _prefill, _step
+    _, ours = pair
+    before = _step._cache_size(), _prefill._cache_size()
+    out = generate(ours, [[5, 6, 7, 8, 9]], max_new_tokens=9, stop_tokens=())  # a shape no other test uses
+    assert out.shape == (1, 14)
+    assert (_step._cache_size(), _prefill._cache_size()) == (before[0] + 1, before[1] + 1)

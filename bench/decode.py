@@ -1,0 +1,116 @@
+"""Inference benchmark: prefill tokens/s and decode ms/step, l4jax against transformers, in one run.
+
+    python bench/decode.py [--config bench] [--prompt 2048] [--new 64] [--batch 1 32] [--dtype bfloat16] [--no-hf]
+
+Random weights of the given preset (the ``bench`` preset: hidden 2048, 8 MoE layers, 16 experts top-1, vocab
+202048). Decode is greedy, no stop token, through ``l4jax.generate.stream`` (the real API: one compiled step per
+token with a donated cache). The roofline column divides the bytes of weights a step must read by the measured
+copy bandwidth of the device: attention, norms, router, shared expert and LM head on every step, plus the routed
+experts the batch can touch (min(E, B*k) per MoE layer; an upper bound at large batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import l4jax
+from l4jax.generate import stream
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device copy (read + write), the ceiling for a weight-streaming decode step."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(5):
+        y = f(x)
+    y.block_until_ready()
+    return 2 * x.nbytes * 5 / (time.perf_counter() - t)
+
+
+def step_bytes(cfg, batch: int, itemsize: int) -> int:
+    D, H, K, hd, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
+        cfg.intermediate_size
+    attn = D * (2 * H + 2 * K) * hd
+    total = cfg.vocab_size * D  # LM head
+    for i in range(cfg.num_hidden_layers):
+        total += attn + 2 * D
+        if cfg.is_moe(i):
+            experts = min(cfg.num_local_experts, batch * cfg.num_experts_per_tok)
+            total += D * cfg.num_local_experts + 3 * D * F * (1 + experts)
+        else:
+            total += 3 * D * cfg.intermediate_size_mlp
+    return total * itemsize
+
+
+def time_l4jax(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
+    ids = np.random.default_rng(0).integers(0, model.config.text.vocab_size, size=(batch, prompt))
+    for _ in range(2):  # the first run compiles
+        it = stream(model, ids, max_new_tokens=new, stop_tokens=())
+        t0 = time.perf_counter()
+        next(it)  # prefill + first token
+        t1 = time.perf_counter()
+        n = sum(1 for _ in it)
+        t2 = time.perf_counter()
+    return batch * prompt / (t1 - t0), (t2 - t1) / max(n, 1) * 1e3
+
+
+def time_hf(cfg_name: str, batch: int, prompt: int, new: int, dtype: str) -> tuple[float, float]:
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    text = l4jax.load_config(cfg_name).text.to_hf()
+    text.pop("model_type")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = getattr(torch, dtype)
+    with torch.device(device):
+        model = Llama4ForCausalLM(Llama4TextConfig(**text, attn_implementation="sdpa")).to(tdtype).eval()
+    ids = torch.randint(0, text["vocab_size"], (batch, prompt), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(2):
+            sync()
+            t0 = time.perf_counter()
+            model(ids)
+            sync()
+            t1 = time.perf_counter()
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            sync()
+            t2 = time.perf_counter()
+    return batch * prompt / (t1 - t0), ((t2 - t1) - (t1 - t0)) / max(new - 1, 1) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="bench")
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--moe-impl", default="scan", choices=["scan", "ragged_dot"])
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    model = l4jax.init(args.config, dtype=jnp.dtype(args.dtype), moe_impl=args.moe_impl)
+    cfg = model.config.text
+    bw = copy_bandwidth()
+    print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s; config {args.config}, "
+          f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens, moe_impl {args.moe_impl}")
+    print(f"{'impl':14s} {'batch':>5s} {'prefill tok/s':>14s} {'decode ms/step':>15s} {'roofline %':>11s}")
+    for b in args.batch:
+        pre, ms = time_l4jax(model, b, args.prompt, args.new)
+        roof = step_bytes(cfg, b, jnp.dtype(args.dtype).itemsize) / bw * 1e3 / ms * 100
+        print(f"{'l4jax':14s} {b:5d} {pre:14.0f} {ms:15.2f} {roof:11.1f}")
+        if not args.no_hf:
+            pre, ms = time_hf(args.config, b, args.prompt, args.new, args.dtype)
+            roof = step_bytes(cfg, b, jnp.dtype(args.dtype).itemsize) / bw * 1e3 / ms * 100
+            print(f"{'transformers':14s} {b:5d} {pre:14.0f} {ms:15.2f} {roof:11.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The same model on the newer JAX the GPU machines run (jax 0.11.x needs Python >= 3.12, where the CPU torch wheel
+is not available): reference numbers are made with transformers in the test environment, then checked by l4jax
+running in a second environment that has only l4jax's own dependencies.
+
+    python tests/compat/jax_newer.py make DIR    # test env: tiny HF checkpoints, HF logits and greedy tokens
+    python tests/compat/jax_newer.py check DIR   # newer-JAX env: l4jax on 4 meshes, generate, save/restore
+"""
+
+import os
+import shutil
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+NAMES = ("scout", "top2")
+MESHES = (None, dict(data=2, tensor=4), dict(expert=4, tensor=2), dict(fsdp=8))
+
+
+def make(folder):
+    import torch
+    from tiny import batch, hf_logits, hf_model, save
+    out = {}
+    for name in NAMES:
+        model = hf_model(name, seed=21)
+        save(model, os.path.join(folder, name))
+        ids, mask, pos = batch()
+        out[f"{name}_ids"], out[f"{name}_mask"], out[f"{name}_hf"] = ids, mask, hf_logits(model, ids, mask, pos)
+        with torch.no_grad():
+            out[f"{name}_gen"] = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                                max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                                pad_token_id=0).numpy()
+    np.savez(os.path.join(folder, "ref.npz"), **out)
+
+
+def check(folder) -> int:
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import flax
+
+    import l4jax
+    print(f"jax {jax.__version__}, flax {flax.__version__}, python {sys.version.split()[0]}")
+    ref = np.load(os.path.join(folder, "ref.npz"))
+    failures = 0
+
+    def report(what, ok, detail=""):
+        nonlocal failures
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {what} {detail}")
+
+    for name in NAMES:
+        path, ids, mask, hf = os.path.join(folder, name), ref[f"{name}_ids"], ref[f"{name}_mask"], ref[f"{name}_hf"]
+        sel = mask.astype(bool)
+        rel = lambda x: float(np.abs(np.asarray(x) - hf)[sel].max() / np.abs(hf[sel]).max())  # noqa: E731
+        for mesh in MESHES:
+            m = l4jax.load(path, mesh=None if mesh is None else l4jax.make_mesh(**mesh))
+            err = rel(m(ids, mask))
+            report(f"{name} logits, mesh {mesh}", err <= 1e-4, f"rel err {err:.1e}")
+        gen = l4jax.load(path).generate(ids, mask, max_new_tokens=20, stop_tokens=())
+        report(f"{name} greedy tokens equal transformers", np.array_equal(gen, ref[f"{name}_gen"]))
+        saved = os.path.join(folder, f"{name}-saved")
+        shutil.rmtree(saved, ignore_errors=True)
+        l4jax.load(path, mesh=l4jax.make_mesh(expert=2, tensor=4)).save(saved)
+        err = rel(l4jax.load(saved)(ids, mask))
+        report(f"{name} save on a mesh, restore on one device", err <= 1e-4, f"rel err {err:.1e}")
+    print(f"{'compat:' if failures == 0 else 'compat FAILED:'} {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    mode, folder = sys.argv[1], sys.argv[2]
+    os.makedirs(folder, exist_ok=True)
+    sys.exit(make(folder) if mode == "make" else check(folder))
