@@ -55,7 +55,8 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
     (``Model.save``): then every process calls this with the same items, writes its own shards, and process 0
     writes the manifest and moves the finished folder into place. ``progress`` gets each tensor's byte count.
     """
-    out = Path(out)
+    # Orbax's newer releases refuse relative paths, so resolve here once.
+    out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out}: already exists; refusing to overwrite a checkpoint")
     primary = jax.process_index() == 0
@@ -126,7 +127,7 @@ def _sync(name: str) -> None:
 def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None) -> dict:
     """Read every parameter of ``abstract`` (ShapeDtypeStructs in the stored dtype) onto its sharding, one at a
     time, cast to ``dtype`` when given."""
-    path = Path(path)
+    path = Path(path).absolute()
     names = set(read_manifest(path)["params"])
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     want = {"/".join(k.key for k in keys): leaf for keys, leaf in flat}
