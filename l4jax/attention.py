@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from . import sharding as sh
 from .config import TextConfig
-from .masks import attention_mask as build_mask, temperature_scales
+from .masks import attention_mask as build_mask, segment_mask, temperature_scales
 from .mlp import INIT
 from .norm import rms_normalize
 from .rope import apply_rope
@@ -64,9 +64,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_index: jax.Array, token_valid: jax.Array,
-                 left_pad: jax.Array, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+                 left_pad: jax.Array, cache: dict | None = None,
+                 segments: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict | None]:
         """x [B, T, D]; cos/sin [B, T, hd/2]; q_index [1, T] absolute slots of these tokens; token_valid [B, S]
         (False on padding, indexed by absolute slot); left_pad [B]; cache {"k", "v"} [B, L, K, hd] or None.
+        ``segments`` = (segment_ids, positions) [B, T] for packed training rows (no cache): each document attends
+        only to itself, with chunks and temperature counted from its own first token.
 
         Returns (out [B, T, D], the cache with these tokens written). Keys are the cached entries followed by the
         fresh ones, so prefill, decode and a plain forward are the same code.
@@ -93,7 +96,8 @@ class Attention(nn.Module):
             if cfg.use_qk_norm:  # after RoPE, per head, no weight, eps = rms_norm_eps
                 q, k = rms_normalize(q, cfg.rms_norm_eps), rms_normalize(k, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:
-            s = temperature_scales(q_index, cfg.floor_scale, cfg.attn_scale)  # [1, T] fp32
+            # [1|B, T] fp32; a packed document counts slots from its own start, as it would alone in a row.
+            s = temperature_scales(q_index if segments is None else segments[1], cfg.floor_scale, cfg.attn_scale)
             q = (q.astype(jnp.float32) * s[:, :, None, None]).astype(q.dtype)
 
         if cache is None:
@@ -104,8 +108,12 @@ class Attention(nn.Module):
             values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
             k_index = jnp.concatenate([cached, q_index], axis=1)
             new_cache = write_cache(cache, k, v, q_index)
-        key_valid = (k_index >= 0) & jnp.take(token_valid, jnp.maximum(k_index[0], 0), axis=1)
-        mask = build_mask(q_index, k_index, key_valid, left_pad, cfg.attention_chunk_size if chunked else None)
+        chunk = cfg.attention_chunk_size if chunked else None
+        if segments is not None:
+            mask = segment_mask(*segments, chunk)
+        else:
+            key_valid = (k_index >= 0) & jnp.take(token_valid, jnp.maximum(k_index[0], 0), axis=1)
+            mask = build_mask(q_index, k_index, key_valid, left_pad, chunk)
         with jax.named_scope("chunked_attention" if chunked else "global_attention"):
             out = attend(q, keys, values, mask, hd ** -0.5)
         return jnp.einsum("bthk,hkd->btd", out, wo), new_cache

@@ -30,7 +30,15 @@ def _info(args) -> int:
     for i in range(t.num_hidden_layers):
         print(f"{i:5d}  {'chunked' if t.chunked_layers[i] else 'global':9s}  {'yes' if t.rope_layers[i] else 'no':4s}  "
               f"{'moe' if t.is_moe(i) else 'dense'}")
-    print(f"text parameters: {total:,}" + ("" if cfg.vision is None else " (vision tower not counted)"))
+    print(f"text parameters: {total:,}")
+    if cfg.vision is not None:
+        from .api import abstract_vision_params
+        from .vision import tokens_per_tile
+
+        v = cfg.vision
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract_vision_params(cfg))))
+        print(f"vision tower: {v.num_hidden_layers} layers, hidden {v.hidden_size}, {v.image_size}-px tiles of "
+              f"{tokens_per_tile(v)} tokens; vision parameters (with the projector): {n:,}")
     return 0
 
 
@@ -50,18 +58,29 @@ def _generate(args) -> int:
 
     from . import load, make_mesh
     from .generate import stream
-    from .tokenizer import IncrementalDecoder, Tokenizer, chat_prompt
+    from .preprocess import ImageProcessor, encode_with_images
+    from .tokenizer import IMAGE, IncrementalDecoder, Tokenizer, chat_prompt
 
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     dtype = DTYPES.get(args.dtype, args.dtype)
-    model = load(args.model, dtype=dtype, mesh=mesh)
+    images = args.image or []
+    model = load(args.model, dtype=dtype, mesh=mesh, vision=bool(images))  # the tower only when there are images
     tok = Tokenizer(args.model)
-    text = chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = np.asarray([tok.encode(text, add_bos=True)])
+    if args.chat:  # images first, then the text, in one user message
+        parts = [{"type": "image"}] * len(images) + [{"type": "text", "text": args.prompt}]
+        text = chat_prompt([{"role": "user", "content": parts if images else args.prompt}])
+    else:  # a raw prompt places its images with <|image|>; without any, they go first
+        text = args.prompt if IMAGE in args.prompt or not images else IMAGE * len(images) + args.prompt
+    pixels = None
+    if images:
+        processor = ImageProcessor.from_folder(args.model, model.config.vision.image_size)
+        ids, pixels = encode_with_images(tok, text, images, model.config, processor)
+    else:
+        ids = tok.encode(text, add_bos=True)
     decoder = IncrementalDecoder(tok, skip_special_tokens=True)
-    for token in stream(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    for token in stream(model, np.asarray([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        stop_tokens=tok.stop_ids() or None):
+                        stop_tokens=tok.stop_ids() or None, pixel_values=pixels):
         sys.stdout.write(decoder.push(int(token[0])))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
@@ -77,17 +96,79 @@ def _convert(args) -> int:
 
     from .config import load_config
     from .convert import hf, orbax
+    from .convert.hf_vision import vision_sources
 
     src = Path(args.from_hf)
     cfg = load_config(src)
     dtype = np.dtype(DTYPES.get(args.dtype, args.dtype)) if args.dtype else hf.checkpoint_dtype(src)
+    # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
+    extra = () if cfg.vision is None else vision_sources(cfg.vision, cfg.text.hidden_size)
     index = hf.SafetensorsIndex(src)
-    total = sum(int(np.prod(s.shape)) for s in hf.plan(index, cfg.text)) * dtype.itemsize
+    total = sum(int(np.prod(s.shape)) for s in hf.plan(index, cfg.text, extra)) * dtype.itemsize
     index.close()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {args.to}", file=sys.stderr) as bar:
-        orbax.save(hf.stream(src, cfg.text, dtype), args.to, config=json.loads((src / "config.json").read_text()),
-                   dtype=dtype.name, side_files_from=src, progress=bar.update)
+        orbax.save(hf.stream(src, cfg.text, dtype, extra=extra), args.to,
+                   config=json.loads((src / "config.json").read_text()), dtype=dtype.name, side_files_from=src,
+                   progress=bar.update)
     return 0
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    from . import make_mesh
+    from .config import load_config
+    from .train_config import LoraSettings, TrainConfig
+    from .training import TrainingError, run
+
+    config = load_config(args.config)
+    tc = TrainConfig.from_yaml(args.config).replace(steps=args.steps, seed=args.seed, init_from=args.init_from)
+    if args.lora and tc.lora is None:
+        tc = tc.replace(lora=LoraSettings())
+    mesh_axes = parse_mesh(args.mesh) if args.mesh else dict(tc.mesh)
+    mesh = make_mesh(**mesh_axes) if mesh_axes else None
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    try:
+        last = run(config, tc, out, mesh=mesh, resume=args.resume, teacher_dir=args.teacher)
+    except TrainingError as e:
+        print(f"l4jax train: {e}", file=sys.stderr)
+        return 1
+    if last:
+        print(f"step {last['step']:.0f}: loss {last['loss']:.4f}; metrics in {out / 'metrics.jsonl'}")
+    if (out / "model").is_dir():
+        print(f"model written to {out / 'model'}: l4jax generate --model {out / 'model'} --prompt ...")
+    return 0
+
+
+def _simulated_devices(argv: list[str]) -> None:
+    """``l4jax train`` on a CPU-only machine: split the host into as many XLA devices as the mesh needs.
+
+    XLA reads the flag when the first backend starts, so this runs before anything asks jax for devices. It only
+    affects the CPU backend (a GPU run keeps its GPUs).
+    """
+    import os
+
+    from jax._src import xla_bridge  # no public way to ask whether the backends have started
+
+    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", ""):
+        return
+    import yaml
+
+    mesh = None
+    if "--mesh" in argv and argv.index("--mesh") + 1 < len(argv):
+        mesh = parse_mesh(argv[argv.index("--mesh") + 1])
+    elif "--config" in argv and argv.index("--config") + 1 < len(argv):
+        try:
+            doc = yaml.safe_load(open(argv[argv.index("--config") + 1])) or {}
+            mesh = (doc.get("train") or {}).get("mesh")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return  # the real error is reported when the config is loaded
+    n = 1
+    for size in (mesh or {}).values():
+        n *= int(size)
+    if n > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
 
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
@@ -103,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", required=True, help="HF model folder: config.json, safetensors, tokenizer.json")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Llama 4 chat template")
+    gen.add_argument("--image", action="append", default=None, metavar="PATH",
+                     help="an image file (repeatable); with --chat the images precede the prompt, without it each "
+                          "<|image|> in the prompt takes the next one (or they all go first)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (Meta suggests 0.6 for chat)")
     gen.add_argument("--top-p", type=float, default=None)
@@ -116,7 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--to", required=True, help="output folder (must not exist)")
     conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
     conv.set_defaults(run=_convert)
+    tr = sub.add_parser("train", help="train or fine-tune from a config YAML (model fields + a train: section)")
+    tr.add_argument("--config", required=True, help="e.g. configs/tiny.yaml")
+    tr.add_argument("--mesh", default=None, help="e.g. data=2,expert=2,tensor=2 (default: the config's train.mesh)")
+    tr.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the config's)")
+    tr.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    tr.add_argument("--lora", action="store_true", help="train LoRA adapters only (settings: train.lora)")
+    tr.add_argument("--teacher", default=None, help="codistill from this model folder (settings: train.distill)")
+    tr.add_argument("--init-from", default=None, help="start from these weights (HF or l4jax folder)")
+    tr.add_argument("--seed", type=int, default=None)
+    tr.set_defaults(run=_train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        _simulated_devices(sys.argv[1:] if argv is None else argv)
     from .config import ConfigError
     from .convert.hf import CheckpointError
     try:

@@ -218,10 +218,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The MetaCLIP-style vision encoder, adapter and projector (HF ``Llama4VisionConfig``).
-
-    Held now so that full ``llama4`` configs load; the vision model itself is built by the vision issue.
-    """
+    """The MetaCLIP-style vision encoder, adapter and projector (HF ``Llama4VisionConfig``); see ``vision.py``."""
 
     hidden_size: int = 1408
     num_hidden_layers: int = 34

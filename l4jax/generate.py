@@ -2,7 +2,8 @@
 
 The cache is allocated for the whole run (prompt + new tokens) and donated to every step, so decoding updates it
 in place. Chunked layers keep a chunk-sized ring (``model.init_cache``). Rows stop independently at their stop
-tokens and are filled with the pad token afterwards, as transformers' ``generate`` does.
+tokens and are filled with the pad token afterwards, as transformers' ``generate`` does. Images (``pixel_values``)
+enter the prefill only: their features replace the prompt's ``<|patch|>`` embeddings, and decode steps are text.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from .sampling import sample
 
 
 @functools.partial(jax.jit, static_argnames=("module", "rules"), donate_argnames=("cache",))
-def _prefill(module, rules, params, ids, mask, cache):
-    """ids [B, T], mask [B, S] -> (last logits [B, V] fp32, cache)."""
+def _prefill(module, rules, params, ids, mask, cache, embeds=None):
+    """ids [B, T], mask [B, S], embeds [B, T, D] or None -> (last logits [B, V] fp32, cache)."""
     with nn.logical_axis_rules(rules):
-        logits, cache = module.apply({"params": params}, ids, mask, cache=cache, offset=0)
+        logits, cache = module.apply({"params": params}, ids, mask, cache=cache, offset=0, inputs_embeds=embeds)
     return logits[:, -1].astype(jnp.float32), cache
 
 
@@ -43,7 +44,8 @@ def _step(module, rules, params, logits, key, offset, mask, cache, done, stop, p
 
 def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-           stop_tokens: Sequence[int] | None = None, max_length: int | None = None) -> Iterator[np.ndarray]:
+           stop_tokens: Sequence[int] | None = None, max_length: int | None = None,
+           pixel_values=None) -> Iterator[np.ndarray]:
     """Yield the next token of every row, [B] int, as soon as it is made. Arguments as ``generate``."""
     cfg = model.config.text
     ids = np.asarray(input_ids)
@@ -70,17 +72,22 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
         return
     S = T + new
     mesh = getattr(model, "mesh", None)
+    # Early fusion on the unpadded batch (the image tiles belong to its rows), checked against the prompt first.
+    embeds = None if pixel_values is None else model.embed_images(ids, pixel_values)
     if mesh is not None and B % sh.batch_multiple(mesh):
         # The batch axes must divide the batch: extra rows copy row 0 and are dropped from what is yielded.
         extra = -B % sh.batch_multiple(mesh)
         ids, mask = (np.concatenate([a, np.repeat(a[:1], extra, 0)]) for a in (ids, mask))
+        if embeds is not None:
+            embeds = jnp.concatenate([embeds, jnp.repeat(embeds[:1], extra, 0)])
     full_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, new)), constant_values=1))
     rules = getattr(model, "rules", sh.RULES)
     cache = init_cache(cfg, ids.shape[0], S, model.dtype)
     pad = jnp.int32(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        logits, cache = _prefill(model.module, rules, model.params, jnp.asarray(ids, jnp.int32), full_mask, cache)
+        logits, cache = _prefill(model.module, rules, model.params, jnp.asarray(ids, jnp.int32), full_mask, cache,
+                                 embeds)
         done = jnp.zeros((ids.shape[0],), bool)
         key = jax.random.key(seed)
         for i in range(new):
@@ -96,16 +103,18 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, max_length: int | None = None,
-             callback: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+             callback: Callable[[np.ndarray], None] | None = None, pixel_values=None) -> np.ndarray:
     """Prompt [B, T] (left-padded, attention_mask 0 on padding) -> [B, T + new] tokens.
 
     temperature 0 is greedy; top_k / top_p filter before sampling; ``seed`` makes sampling reproducible.
     ``stop_tokens`` default to the config's eos ids; a row that emits one is padded afterwards, and generation ends
-    when every row has stopped. ``callback`` receives each step's [B] tokens as they are made.
+    when every row has stopped. ``callback`` receives each step's [B] tokens as they are made. ``pixel_values``
+    [N, C, S, S] are the image tiles of all rows in prompt order (see ``Model.__call__``).
     """
     steps = []
     for token in stream(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, max_length=max_length):
+                        top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, max_length=max_length,
+                        pixel_values=pixel_values):
         steps.append(token)
         if callback is not None:
             callback(token)

@@ -38,6 +38,26 @@ def attention_mask(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Array,
     return allowed
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] document ids of packed rows (0 = padding) -> position of each token within its document."""
+    T = segment_ids.shape[-1]
+    idx = jnp.arange(T)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # slot where the current document began
+    return jnp.where(segment_ids > 0, idx - first, 0).astype(jnp.int32)
+
+
+def segment_mask(segment_ids: jax.Array, positions: jax.Array, chunk_size: int | None) -> jax.Array:
+    """Boolean [B, T, T] for packed rows: causal, within one document, and (chunked layers) within one chunk of
+    that document, chunks counted from the document's first token as if it were a row of its own."""
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    idx = jnp.arange(segment_ids.shape[-1])
+    allowed = (idx[None, None, :] <= idx[None, :, None]) & (seg_q == seg_k) & (seg_k > 0)
+    if chunk_size is not None:
+        allowed &= (positions[:, :, None] // chunk_size) == (positions[:, None, :] // chunk_size)
+    return allowed
+
+
 def temperature_scales(q_index: jax.Array, floor_scale: float, attn_scale: float) -> jax.Array:
     """NoPE-layer query scale 1 + attn_scale * log1p(floor((p + 1) / floor_scale)), fp32, same shape as q_index.
 

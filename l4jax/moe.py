@@ -34,6 +34,21 @@ def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array
     return jax.nn.sigmoid(top.astype(jnp.float32)).astype(x.dtype), experts.astype(jnp.int32)
 
 
+def router_losses(logits: jax.Array, experts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Optional training terms (the reference trains without them). logits [N, E], experts [N, k] -> scalars.
+
+    load balance = E * sum_e f_e * P_e (Switch Transformer): f_e the fraction of the N*k assignments routed to e
+    (no gradient), P_e the mean softmax probability of e; minimal (1) when both are uniform. The softmax stands in
+    for the sigmoid scores because it ties the experts together, so lowering an overloaded expert's logit helps.
+    z = mean_n logsumexp(logits_n)^2 (ST-MoE) keeps router logits small.
+    """
+    E = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
+    f = jnp.bincount(experts.reshape(-1), length=E) / experts.size
+    P = jax.nn.softmax(logits, axis=-1).mean(axis=0)
+    return E * jnp.sum(f * P), jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+
 def routed_experts(x: jax.Array, scores: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
                    down: jax.Array, *, impl: str = "scan") -> jax.Array:
     """Sum over each token's k experts of expert_e(score * x). x [N, D]; gate, up [E, D, F]; down [E, F, D]."""
@@ -111,6 +126,7 @@ class MoE(nn.Module):
     top_k: int
     hidden: int       # F, of each routed expert and of the shared expert
     impl: str = "scan"
+    aux_loss: bool = False  # sow router load-balancing and z-loss terms into the "aux" collection
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -128,6 +144,10 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, D)
         with jax.named_scope("router"):
             scores, experts = route(flat, router, self.top_k)
+            if self.aux_loss:
+                lb, z = router_losses(jnp.einsum("nd,de->ne", flat, router), experts)
+                self.sow("aux", "load_balance", lb)
+                self.sow("aux", "z_loss", z)
         with jax.named_scope("experts"):
             if jax.sharding.get_abstract_mesh().empty:  # one device (or no mesh set): plain sparse dispatch
                 routed = routed_experts(flat, scores, experts, gate, up, down, impl=self.impl).reshape(B, T, D)

@@ -22,8 +22,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Parameter axes.
-VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERT, EXPERT_MLP, NORM = (
-    "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "expert_mlp", "norm")
+VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERT, EXPERT_MLP, NORM, LAYERS = (
+    "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "expert_mlp", "norm", "layers")
 # Activation axes.
 BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
     "act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
@@ -41,6 +41,7 @@ RULES: tuple[Rule, ...] = (
     (EXPERT, "expert"),         # each device holds E / expert experts
     (EXPERT_MLP, "tensor"),     # inside an expert, its hidden width is tensor-parallel
     (NORM, None),
+    (LAYERS, None),             # the stacked axis of scanned layers: every device holds its slice of every layer
     (BATCH, ("data", "fsdp")),  # FSDP is data parallelism with sharded weights
     (LENGTH, None),
     (ACT_EMBED, None),

@@ -78,9 +78,11 @@ def rel_err(ours, ref, mask) -> float:
 
 
 # In Llama 4's order (ids 200000, 200001, 200005..200009, 200018, 200080, 200081, 200090, 200092 in the real vocab;
-# here they follow the trained vocabulary in this order).
+# here they follow the trained vocabulary in this order), then the tile separators (200084, 200085 in the real vocab;
+# last here so that the ids of the others stay as the tests have them).
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>",
-            "<|step|>", "<|finetune_right_pad|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>"]
+            "<|step|>", "<|finetune_right_pad|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+            "<|tile_x_separator|>", "<|tile_y_separator|>"]
 CORPUS = ["Hello world, this is a tiny corpus for the tokenizer test.",
           "naïve café, crème brûlée and a piñata",
           "日本語のテキストと日本の文化", "Ελληνικά και русский текст",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 checkpoints)
 import numpy as np
@@ -143,11 +143,14 @@ def _layout(keys: list[str]) -> tuple[str, str]:
                           f"'model.', found e.g. {sorted(keys)[:5]}")
 
 
-def plan(index: SafetensorsIndex, cfg: TextConfig) -> list[Source]:
-    """Check every header against the config before reading any data; return what to read."""
+def plan(index: SafetensorsIndex, cfg: TextConfig, extra: Sequence[Source] = ()) -> list[Source]:
+    """Check every header against the config before reading any data; return what to read.
+
+    ``extra`` are further sources to load and check, e.g. ``hf_vision.vision_sources`` for the vision tower
+    (without them, vision tensors are skipped)."""
     keys = index.keys()
     prefix, head_key = _layout(keys)
-    sources = text_sources(cfg, prefix, head_key)
+    sources = text_sources(cfg, prefix, head_key) + list(extra)
     wanted = {s.key for s in sources}
     missing = sorted(wanted - set(keys))
     if missing:
@@ -195,11 +198,12 @@ def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
     return out.reshape(s.out_shape) if s.out_shape else out
 
 
-def stream(folder: str | Path, cfg: TextConfig, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def stream(folder: str | Path, cfg: TextConfig, dtype=None,
+           extra: Sequence[Source] = ()) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """Yield (l4jax path, host array) one parameter at a time; peak memory is about one parameter."""
     index = SafetensorsIndex(folder)
     try:
-        sources = plan(index, cfg)
+        sources = plan(index, cfg, extra)
         index.close()  # headers checked; from here each read opens and closes its own file
         for s in sources:
             yield s.path, load_source(index, s, dtype)

@@ -3,7 +3,7 @@
     <dir>/l4jax.json        {"format": "l4jax-orbax", "version": 1, "dtype": ..., "config": <HF config dict>,
                              "params": [parameter paths, "/"-joined]}
     <dir>/params/<path>/    an Orbax PyTree item {"value": array}, readable with ocp.StandardCheckpointer
-    <dir>/tokenizer*.json   copied from the source model, when present
+    <dir>/tokenizer*.json   copied from the source model, when present (also generation_ and preprocessor_config)
 
 One Orbax item per tensor (rather than one pytree) is what bounds memory: Orbax 0.12 saves a pytree in one call, so
 a whole-model save needs the whole model in host memory. Restoring targets each item's NamedSharding, so every
@@ -27,7 +27,8 @@ from jax.experimental import multihost_utils
 
 FORMAT, VERSION = "l4jax-orbax", 1
 MANIFEST = "l4jax.json"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+              "preprocessor_config.json")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -124,11 +125,13 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None) -> dict:
+def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None,
+            ignore: tuple[str, ...] = ()) -> dict:
     """Read every parameter of ``abstract`` (ShapeDtypeStructs in the stored dtype) onto its sharding, one at a
-    time, cast to ``dtype`` when given."""
+    time, cast to ``dtype`` when given. Stored parameters under the top-level names in ``ignore`` are left unread
+    (a text-only load of a multimodal checkpoint ignores ``vision_model`` and ``projector``)."""
     path = Path(path).absolute()
-    names = set(read_manifest(path)["params"])
+    names = {n for n in read_manifest(path)["params"] if n.split("/")[0] not in ignore}
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     want = {"/".join(k.key for k in keys): leaf for keys, leaf in flat}
     missing, unexpected = sorted(set(want) - names), sorted(names - set(want))

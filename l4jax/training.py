@@ -1,0 +1,186 @@
+"""The training loop behind ``l4jax train``: data, the sharded step, checkpoints, metrics, the exported model.
+
+    out/checkpoints/<step>/   Orbax train state (params or LoRA adapters, optimizer, step) + run description
+    out/metrics.jsonl         one JSON object per logged step: loss, tokens/s, MFU, lr, grad norm
+    out/model/                the final weights as an l4jax checkpoint with the tokenizer (``l4jax generate``)
+    out/adapters/             LoRA runs only: the adapters alone
+
+Resuming is exact: the batch of step s is a pure function of (data, seed, s), and the state holds everything else,
+so a resumed run computes bit-identical losses on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from . import data as data_lib
+from . import flops
+from .checkpoint import Checkpoints
+from .config import Llama4Config
+from .convert import orbax as orbax_ckpt
+from .train import Trainer, param_count
+from .train_config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (non-finite loss, unusable output folder); the message says at which step and why."""
+
+
+def _data(tc: TrainConfig, tokenizer_dir: Path):
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    paths = []
+    for p in tc.data:
+        if p == "corpus":
+            paths += data_lib.corpus_files()
+        else:
+            paths.append(Path(p))
+    docs = data_lib.tokenize(data_lib.read_documents(paths), tok)
+    return tok, data_lib.PackedDataset(docs, tc.seq_len, tc.batch_size, seed=tc.seed)
+
+
+def _tokenizer_dir(tc: TrainConfig) -> Path:
+    if tc.init_from and (Path(tc.init_from) / "tokenizer.json").is_file():
+        return Path(tc.init_from)
+    return data_lib.corpus_dir()
+
+
+def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, resume: bool = False,
+        teacher_dir: str | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train ``config`` with ``tc`` into ``out``; returns the last logged metrics.
+
+    ``stop_after`` ends the loop after that many steps of this call (tests use it to interrupt a run).
+    """
+    from . import load
+
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise TrainingError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose "
+                            "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = _tokenizer_dir(tc)
+    tok, ds = _data(tc, tok_dir)
+    if tok.vocab_size > config.text.vocab_size:
+        raise TrainingError(f"tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model's vocab_size is "
+                            f"{config.text.vocab_size}")
+    teacher = None if teacher_dir is None else load(teacher_dir, mesh=mesh, vision=False)
+    if teacher is not None and tc.distill is None:
+        from .train_config import DistillSettings
+        tc = tc.replace(distill=DistillSettings())
+    trainer = Trainer(config, tc, mesh, teacher)
+    meta = {"model": config.text.to_hf(), "train": _describe(tc), "layout": "scan" if tc.scan else "layers"}
+    ckpts = Checkpoints(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
+
+    start = ckpts.latest() if resume else None
+    base = None if tc.init_from is None else load(tc.init_from, dtype=tc.param_dtype, mesh=mesh, vision=False).params
+    state, frozen = trainer.init_state(base)
+    del base
+    if start is not None:
+        state = ckpts.restore(start, trainer.abstract_state(), meta)
+    step = int(jax.device_get(state["step"]))
+
+    flops_per_token = flops.train_flops_per_token(config.text, tc.seq_len)
+    peak = flops.measure_peak_flops(np.dtype(tc.compute_dtype) if tc.compute_dtype != "bfloat16" else
+                                    jax.numpy.bfloat16, mesh)
+    bar = _progress(tc.steps, step, progress)
+    metrics_file = (out / "metrics.jsonl").open("a")
+    last, pending, t0, tokens = {}, None, time.perf_counter(), 0.0
+    if progress:
+        print(f"training {param_count(trainer.state_shapes['params']):,} parameters on "
+              f"{'1 device' if mesh is None else dict(mesh.shape)}, {len(ds)} "
+              f"packed rows of {tc.seq_len + 1} tokens, from step {step}", flush=True)
+    try:
+        end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+        while step < end:
+            state, m = trainer.step(state, frozen, ds.batch(step))
+            step += 1
+            # Check the previous step while this one runs (keeps dispatch asynchronous), and always before saving.
+            if pending is not None:
+                last = _check(*pending)
+            pending = (step, m)
+            if step % tc.save_every == 0 or step == end:
+                last, pending = _check(*pending), None
+                ckpts.save(step, state, meta, force=step == end)
+            if step % tc.log_every == 0 or step == end:
+                if pending is not None:
+                    last, pending = _check(*pending), None
+                now = time.perf_counter()
+                n_steps = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
+                tokens = last["tokens"] * n_steps
+                tps = tokens / (now - t0)
+                last.update(step=step, tokens_per_s=tps, mfu=tps * flops_per_token / peak, time=now)
+                t0 = now
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                bar(step, last)
+        if pending is not None:
+            last = _check(*pending)
+    finally:
+        metrics_file.close()
+        ckpts.wait()
+        ckpts.close()
+    if step >= tc.steps:
+        export(trainer, state, frozen, out, tok_dir)
+    return last
+
+
+def _check(step: int, m: dict) -> dict:
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    m["params_finite"] = bool(m["params_finite"])
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["params_finite"]):
+        raise TrainingError(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']}, weights after the "
+                            f"update {'finite' if m['params_finite'] else 'NOT finite'}: training stopped; the last "
+                            "checkpoint saved before this step is kept (resume with --resume)")
+    return m
+
+
+def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir: Path) -> Path:
+    """Write the trained model (adapters merged) as an l4jax checkpoint ``out/model`` with the tokenizer."""
+    import shutil
+
+    from . import lora as lora_lib
+
+    target = out / "model"
+    if target.exists():
+        shutil.rmtree(target)
+    params = jax.jit(trainer.full_params)(state, frozen)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    items = ((tuple(k.key for k in keys), leaf) for keys, leaf in leaves)
+    orbax_ckpt.save(items, target, config=trainer.config.to_hf(), dtype=trainer.tc.param_dtype,
+                    side_files_from=tokenizer_dir)
+    if trainer.lora is not None:
+        adapters = out / "adapters"
+        if adapters.exists():
+            shutil.rmtree(adapters)
+        lora_lib.save(adapters, state["params"], trainer.lora, base=trainer.tc.init_from)
+    return target
+
+
+def _describe(tc: TrainConfig) -> dict:
+    """The part of the training config a resumed run must share (the rest, e.g. steps or logging, may change)."""
+    d = tc.to_dict()
+    return {k: d[k] for k in ("seq_len", "batch_size", "seed", "data", "lora", "scan", "param_dtype")}
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return lambda step, m: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(step, m):
+        bar.n = step
+        bar.set_postfix_str(f"loss {m['loss']:.3f}  {m['tokens_per_s']:,.0f} tok/s  MFU {100 * m['mfu']:.1f}%")
+        bar.refresh()
+        if step >= total:
+            bar.close()
+    return update
