@@ -57,7 +57,7 @@ def hf_grads_in_l4jax_layout(model, folder, ids, tmp) -> tuple[float, dict]:
         for k in path[:-1]:
             node = node.setdefault(k, {})
         node[path[-1]] = arr
-    return float(out.loss), tree
+    return float(out.loss.detach()), tree
 
 
 @pytest.mark.parametrize("scan,remat", [(True, "full"), pytest.param(False, "none", marks=pytest.mark.slow)])

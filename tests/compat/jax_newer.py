@@ -3,7 +3,8 @@ is not available): reference numbers are made with transformers in the test envi
 running in a second environment that has only l4jax's own dependencies.
 
     python tests/compat/jax_newer.py make DIR    # test env: tiny HF checkpoints, HF logits and greedy tokens
-    python tests/compat/jax_newer.py check DIR   # newer-JAX env: l4jax on 4 meshes, generate, save/restore
+    python tests/compat/jax_newer.py check DIR   # newer-JAX env: l4jax on 4 meshes, generate, save/restore,
+                                                 # a sharded train step, a training checkpoint onto another mesh
 """
 
 import os
@@ -33,6 +34,9 @@ def make(folder):
             out[f"{name}_gen"] = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
                                                 max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                                 pad_token_id=0).numpy()
+            train_ids = np.random.default_rng(5).integers(3, 300, (2, 24))
+            out[f"{name}_train_ids"] = train_ids
+            out[f"{name}_hf_loss"] = float(model(torch.tensor(train_ids), labels=torch.tensor(train_ids)).loss)
     np.savez(os.path.join(folder, "ref.npz"), **out)
 
 
@@ -66,8 +70,50 @@ def check(folder) -> int:
         l4jax.load(path, mesh=l4jax.make_mesh(expert=2, tensor=4)).save(saved)
         err = rel(l4jax.load(saved)(ids, mask))
         report(f"{name} save on a mesh, restore on one device", err <= 1e-4, f"rel err {err:.1e}")
+        train_checks(name, path, ref, folder, report)
     print(f"{'compat:' if failures == 0 else 'compat FAILED:'} {failures} failed")
     return 1 if failures else 0
+
+
+def train_checks(name, path, ref, folder, report):
+    """A sharded train step's loss against transformers' loss; a checkpoint of the sharded run restored onto one
+    device continues with the same losses."""
+    import jax
+
+    import l4jax
+    from l4jax.checkpoint import Checkpoints
+    from l4jax.train import Trainer
+    from l4jax.train_config import TrainConfig
+
+    ids = ref[f"{name}_train_ids"].astype(np.int32)
+    batch = {"inputs": ids, "targets": np.roll(ids, -1, axis=1), "segment_ids": np.ones_like(ids),
+             "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy(),
+             "loss_mask": np.concatenate([np.ones((2, ids.shape[1] - 1)), np.zeros((2, 1))], 1).astype(np.float32)}
+    config = l4jax.load_config(path)
+    tc = TrainConfig(seq_len=ids.shape[1], batch_size=2, remat="full", steps=10, warmup_steps=0, lr=1e-3)
+    sharded = Trainer(config, tc, l4jax.make_mesh(data=2, expert=2, tensor=2))
+    state, frozen = sharded.init_state(l4jax.load(path).params)
+    state, m = sharded.step(state, frozen, batch)
+    hf = float(ref[f"{name}_hf_loss"])
+    err = abs(float(m["loss"]) - hf) / hf
+    report(f"{name} sharded train step loss equals transformers", err <= 1e-5, f"{float(m['loss']):.7f} vs {hf:.7f}")
+    ckpts = Checkpoints(os.path.join(folder, f"{name}-train"), save_every=1, keep=2)
+    ckpts.save(1, state, {"model": config.text.to_hf()}, force=True)
+    ckpts.wait()
+    straight = []
+    for _ in range(2):
+        state, m = sharded.step(state, frozen, batch)
+        straight.append(float(m["loss"]))
+    single = Trainer(config, tc)
+    restored = ckpts.restore(1, single.abstract_state(), {"model": config.text.to_hf()})
+    ckpts.close()
+    resumed = []
+    for _ in range(2):
+        restored, m = single.step(restored, {}, batch)
+        resumed.append(float(m["loss"]))
+    ok = np.allclose(straight, resumed, rtol=1e-5) and straight[1] < straight[0] < hf  # the weights do move
+    report(f"{name} training checkpoint restored onto one device continues", ok, f"{straight} vs {resumed}")
+    jax.clear_caches()
 
 
 if __name__ == "__main__":
