@@ -143,16 +143,17 @@ class Model:
                         top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, max_length=max_length,
                         callback=callback, pixel_values=pixel_values)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, side_files_from: str | Path | None = None) -> Path:
         """Write the parameters (vision tower included, when loaded) as an l4jax (Orbax) checkpoint, one tensor at
         a time; ``l4jax.load`` reads it back onto any mesh. With several processes every process calls it and
-        writes only its own shards."""
+        writes only its own shards. ``side_files_from``: a folder whose tokenizer and generation files are copied
+        beside the weights."""
         trees = {**self.params, **(self.vision_params or {})}
         leaves = jax.tree_util.tree_flatten_with_path(trees)[0]
         items = ((tuple(k.key for k in keys), leaf) for keys, leaf in leaves)
         # A model without its vision weights is saved as the text-only model it is.
         config = self.config if self.vision_params is not None else dataclasses.replace(self.config, vision=None)
-        return orbax.save(items, path, config=config.to_hf(), dtype=self.dtype.name)
+        return orbax.save(items, path, config=config.to_hf(), dtype=self.dtype.name, side_files_from=side_files_from)
 
     def num_params(self) -> int:
         trees = (self.params, self.vision_params or {})

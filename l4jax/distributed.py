@@ -59,8 +59,9 @@ def to_numpy(x: jax.Array) -> np.ndarray:
 
 
 def sync(name: str = "l4jax") -> None:
-    """Barrier: wait until every process reaches this point."""
-    multihost_utils.sync_global_devices(name)
+    """Barrier: wait until every process reaches this point (returns at once in a single-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 __all__ = ["initialize", "shutdown", "process_index", "process_count", "is_main", "to_numpy", "sync"]

@@ -32,8 +32,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
+
+from .convert.orbax import read_json_manifest
+from .distributed import sync as _sync
 
 FORMAT, VERSION, MANIFEST = "l4jax-lora", 1, "lora.json"
 ATTN_TARGETS = ("q", "k", "v", "o")
@@ -294,22 +296,9 @@ def num_params(lora) -> int:
 
 # ------------------------------------------------------------------------------------------------ save and load
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 def read_manifest(path: str | Path) -> dict:
     """The JSON manifest of a saved adapter folder: format, version, config, base, and each array's shape/dtype."""
-    f = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LoraError(f"{f}: unreadable LoRA manifest: {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise LoraError(f"{f}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this l4jax "
-                        f"reads {FORMAT!r} version {VERSION}")
-    return manifest
+    return read_json_manifest(Path(path) / MANIFEST, FORMAT, VERSION, "LoRA", LoraError)
 
 
 def save(path: str | Path, lora, cfg: LoraConfig, base: str | None = None, *, overwrite: bool = False) -> Path:

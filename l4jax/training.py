@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from . import data as data_lib
 from . import flops
 from .checkpoint import Checkpoints
 from .config import Llama4Config
-from .convert import orbax as orbax_ckpt
+from .api import Model
 from .train import Trainer, param_count
 from .train_config import TrainConfig
 
@@ -88,8 +87,7 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
     step = int(jax.device_get(state["step"]))
 
     flops_per_token = flops.train_flops_per_token(config.text, tc.seq_len)
-    peak = flops.measure_peak_flops(np.dtype(tc.compute_dtype) if tc.compute_dtype != "bfloat16" else
-                                    jax.numpy.bfloat16, mesh)
+    peak = flops.measure_peak_flops(jax.numpy.dtype(tc.compute_dtype), mesh)
     bar = _progress(tc.steps, step, progress)
     metrics_file = (out / "metrics.jsonl").open("a")
     last, pending, t0, tokens = {}, None, time.perf_counter(), 0.0
@@ -152,10 +150,7 @@ def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir
     if target.exists():
         shutil.rmtree(target)
     params = jax.jit(trainer.full_params)(state, frozen)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    items = ((tuple(k.key for k in keys), leaf) for keys, leaf in leaves)
-    orbax_ckpt.save(items, target, config=trainer.config.to_hf(), dtype=trainer.tc.param_dtype,
-                    side_files_from=tokenizer_dir)
+    Model(trainer.config, params, dtype=trainer.tc.param_dtype).save(target, side_files_from=tokenizer_dir)
     if trainer.lora is not None:
         adapters = out / "adapters"
         if adapters.exists():

@@ -23,7 +23,8 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+
+from ..distributed import sync as _sync
 
 FORMAT, VERSION = "l4jax-orbax", 1
 MANIFEST = "l4jax.json"
@@ -36,14 +37,18 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def read_manifest(path: str | Path) -> dict:
-    f = Path(path) / MANIFEST
+    return read_json_manifest(Path(path) / MANIFEST, FORMAT, VERSION, "l4jax")
+
+
+def read_json_manifest(f: Path, fmt: str, version: int, what: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in ``f`` if it declares ``fmt`` at ``version``; otherwise ``error`` naming the file."""
     try:
         manifest = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{f}: unreadable l4jax manifest: {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{f}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this l4jax "
-                         f"reads {FORMAT!r} version {VERSION}")
+        raise error(f"{f}: unreadable {what} manifest: {e}") from e
+    if manifest.get("format") != fmt or manifest.get("version") != version:
+        raise error(f"{f}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this l4jax "
+                    f"reads {fmt!r} version {version}")
     return manifest
 
 
@@ -118,11 +123,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None,
