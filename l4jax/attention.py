@@ -3,6 +3,11 @@
 RoPE layers: interleaved RoPE, then (if ``use_qk_norm``) a weightless RMS norm of q and k per head, and the
 chunked causal mask. NoPE layers: no RoPE, no QK-norm, query temperature tuning (if ``attn_temperature_tuning``)
 and the global causal mask.
+
+A chunked layer's query never sees a key more than C - 1 slots back (C = attention_chunk_size). When the fresh
+tokens are many chunks long (long prefill, long training rows), ``attend_local`` uses that: it cuts the queries into
+blocks of C/4, and each block scores only its own and the four previous blocks of keys (plus the cache L): T x
+(1.25C + L) scores instead of T x (T + L). The result is the dense path's, whose mask is zero everywhere else.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import jax.numpy as jnp
 
 from . import sharding as sh
 from .config import TextConfig
-from .masks import attention_mask as build_mask, segment_mask, temperature_scales
+from .masks import chunk_ids, document_groups, temperature_scales, visible
 from .mlp import INIT
 from .norm import rms_normalize
 from .rope import apply_rope
@@ -34,6 +39,54 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, hd)
+
+
+def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q_group: jax.Array,
+                 k_valid: jax.Array, k_group: jax.Array, scale: float, span: int, past: tuple | None = None,
+                 block: int | None = None) -> jax.Array:
+    """``attend`` for a mask confined to groups (chunks) of at most ``span`` consecutive slots, blockwise.
+
+    q [B, T, H, hd]; k, v [B, T, K, hd] the keys of the same T tokens; q_index [B|1, T] their slots; q_group,
+    k_valid, k_group [B, T]. ``past`` = (keys [B, L, K, hd], values, index [B|1, L], valid [B, L], group [B, L])
+    for the cached entries, which every block scores in full. Queries go in blocks of ``block`` (default
+    span / 4); query block n scores its own key block and the p = ceil((span - 1) / block) before it, which hold
+    every key its groups can contain: T x (L + (p + 1) block) scores, 1.25 span per query by default. (Smaller
+    blocks waste less but cut the work into more, smaller matmuls; bench/attention.py measures the trade.)
+    """
+    B, T, H, hd = q.shape
+    block = block or max(1, span // 4)
+    n, p = -(-T // block), -(-(span - 1) // block)
+
+    def blocks(x, fill):  # [B, T, ...] -> [B, n, block, ...]
+        x = jnp.pad(x, [(0, 0), (0, n * block - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(x.shape[0], n, block, *x.shape[2:])
+
+    def keys(x, fill, cached=None):  # [B, T, ...] -> [B, n, L + (p + 1) block, ...]: cache, blocks n-p .. n
+        x = blocks(x, fill)
+        x = jnp.pad(x, [(0, 0), (p, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        parts = [x[:, j:j + n] for j in range(p + 1)]
+        if cached is not None:
+            parts.insert(0, jnp.broadcast_to(cached[:, None], (cached.shape[0], n) + cached.shape[1:]))
+        return jnp.concatenate(parts, axis=2)
+
+    pk, pv, pi, pval, pg = past if past is not None else (None,) * 5
+    kb, vb = keys(k, 0, pk), keys(v, 0, pv)
+    # Padding slots (past T, before block 0) are invalid keys; padded query rows are computed and dropped.
+    mask = visible(blocks(q_index, -1), keys(q_index, -1, pi), keys(k_valid, False, pval),
+                   blocks(q_group, -1), keys(k_group, -1, pg))
+    S = kb.shape[2]
+    out = attend(blocks(q, 0).reshape(B * n, block, H, hd), kb.reshape(B * n, S, *k.shape[2:]),
+                 vb.reshape(B * n, S, *v.shape[2:]), mask.reshape(B * n, block, S), scale)
+    return out.reshape(B, n * block, H, hd)[:, :T]
+
+
+def use_local(T: int, L: int, span: int | None) -> bool:
+    """Blockwise chunked attention when it scores fewer pairs than the dense path (T queries x L + T keys)."""
+    if span is None:
+        return False
+    block = max(1, span // 4)
+    n, p = -(-T // block), -(-(span - 1) // block)
+    return n * block * (L + (p + 1) * block) < T * (L + T)
 
 
 def cached_slots(length: int, n: jax.Array) -> jax.Array:
@@ -100,20 +153,33 @@ class Attention(nn.Module):
             s = temperature_scales(q_index if segments is None else segments[1], cfg.floor_scale, cfg.attn_scale)
             q = (q.astype(jnp.float32) * s[:, :, None, None]).astype(q.dtype)
 
-        if cache is None:
-            keys, values, k_index, new_cache = k, v, q_index, None
-        else:
-            cached = cached_slots(cache["k"].shape[1], q_index[0, 0])[None]
-            keys = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
-            k_index = jnp.concatenate([cached, q_index], axis=1)
-            new_cache = write_cache(cache, k, v, q_index)
         chunk = cfg.attention_chunk_size if chunked else None
+        # Per key: its slot, whether it may be seen at all, and its group (chunk and/or document; None = global).
         if segments is not None:
-            mask = segment_mask(*segments, chunk)
+            seg, pos = segments
+            k_valid, group = seg > 0, document_groups(seg, pos, chunk)
         else:
-            key_valid = (k_index >= 0) & jnp.take(token_valid, jnp.maximum(k_index[0], 0), axis=1)
-            mask = build_mask(q_index, k_index, key_valid, left_pad, chunk)
+            k_valid = jnp.take(token_valid, q_index[0], axis=1)
+            group = None if chunk is None else chunk_ids(q_index, left_pad, chunk)
+        past, new_cache, L = None, None, 0
+        if cache is not None:
+            L = cache["k"].shape[1]
+            cached = cached_slots(L, q_index[0, 0])[None]
+            c_valid = (cached >= 0) & jnp.take(token_valid, jnp.maximum(cached[0], 0), axis=1)
+            c_group = None if chunk is None else chunk_ids(cached, left_pad, chunk)
+            past = (cache["k"].astype(k.dtype), cache["v"].astype(v.dtype), cached, c_valid, c_group)
+            new_cache = write_cache(cache, k, v, q_index)
+
         with jax.named_scope("chunked_attention" if chunked else "global_attention"):
-            out = attend(q, keys, values, mask, hd ** -0.5)
+            if use_local(k.shape[1], L, chunk):
+                out = attend_local(q, k, v, q_index, group, k_valid, group, hd ** -0.5, chunk, past)
+            else:
+                if past is not None:
+                    k, v = jnp.concatenate([past[0], k], 1), jnp.concatenate([past[1], v], 1)
+                    k_index = jnp.concatenate([past[2], q_index], 1)
+                    k_valid = jnp.concatenate([past[3], k_valid], 1)
+                    k_group = None if group is None else jnp.concatenate([past[4], group], 1)
+                else:
+                    k_index, k_group = q_index, group
+                out = attend(q, k, v, visible(q_index, k_index, k_valid, group, k_group), hd ** -0.5)
         return jnp.einsum("bthk,hkd->btd", out, wo), new_cache

@@ -22,6 +22,24 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(attention_mask > 0, pos, 0).astype(jnp.int32)
 
 
+def visible(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Array, q_group: jax.Array | None = None,
+            k_group: jax.Array | None = None) -> jax.Array:
+    """Boolean [..., Tq, Tk]: key slot <= query slot, key valid, and (when groups are given) the same group.
+
+    Every mask of the model is this one rule; a group is a chunk (chunked layers), a document (packed rows) or
+    both. Query-side arrays are [..., Tq], key-side [..., Tk], leading axes broadcast (e.g. [1|B, T] or blocks).
+    """
+    allowed = (k_index[..., None, :] <= q_index[..., :, None]) & key_valid[..., None, :]
+    if q_group is not None:
+        allowed &= q_group[..., :, None] == k_group[..., None, :]
+    return allowed
+
+
+def chunk_ids(index: jax.Array, left_pad: jax.Array, chunk_size: int) -> jax.Array:
+    """[B|1, T] absolute slots -> [B, T] chunk numbers, chunks counted from each row's first real token."""
+    return jnp.floor_divide(index - left_pad[:, None], chunk_size)
+
+
 def attention_mask(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Array, left_pad: jax.Array,
                    chunk_size: int | None) -> jax.Array:
     """Boolean [B, Tq, Tk]: may query slot ``q_index`` attend to key slot ``k_index``?
@@ -29,13 +47,18 @@ def attention_mask(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Array,
     q_index [B|1, Tq] and k_index [B|1, Tk] are absolute cache slots; key_valid [B, Tk] is False on padding and
     empty cache slots; left_pad [B]. ``chunk_size=None`` gives plain causal attention.
     """
-    q = q_index[:, :, None]
-    k = k_index[:, None, :]
-    allowed = (k <= q) & key_valid[:, None, :]
-    if chunk_size is not None:
-        lp = left_pad[:, None, None]
-        allowed &= jnp.floor_divide(k - lp, chunk_size) == jnp.floor_divide(q - lp, chunk_size)
-    return allowed
+    if chunk_size is None:
+        return visible(q_index, k_index, key_valid)
+    return visible(q_index, k_index, key_valid, chunk_ids(q_index, left_pad, chunk_size),
+                   chunk_ids(k_index, left_pad, chunk_size))
+
+
+def document_groups(segment_ids: jax.Array, positions: jax.Array, chunk_size: int | None) -> jax.Array:
+    """[B, T] packed rows -> [B, T] group ids: the document, and within it (chunked layers) the chunk counted
+    from the document's first token, as if the document were a row of its own. Documents are contiguous runs."""
+    if chunk_size is None:
+        return segment_ids
+    return segment_ids * (segment_ids.shape[-1] // chunk_size + 1) + positions // chunk_size
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -49,13 +72,10 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 def segment_mask(segment_ids: jax.Array, positions: jax.Array, chunk_size: int | None) -> jax.Array:
     """Boolean [B, T, T] for packed rows: causal, within one document, and (chunked layers) within one chunk of
-    that document, chunks counted from the document's first token as if it were a row of its own."""
-    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
-    idx = jnp.arange(segment_ids.shape[-1])
-    allowed = (idx[None, None, :] <= idx[None, :, None]) & (seg_q == seg_k) & (seg_k > 0)
-    if chunk_size is not None:
-        allowed &= (positions[:, :, None] // chunk_size) == (positions[:, None, :] // chunk_size)
-    return allowed
+    that document (``document_groups``); padding (segment 0) is never a key."""
+    idx = jnp.arange(segment_ids.shape[-1])[None]
+    groups = document_groups(segment_ids, positions, chunk_size)
+    return visible(idx, idx, segment_ids > 0, groups, groups)
 
 
 def temperature_scales(q_index: jax.Array, floor_scale: float, attn_scale: float) -> jax.Array:

@@ -8,9 +8,11 @@ import pytest
 from transformers import Llama4TextConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from l4jax.attention import attend, attend_local, cached_slots, use_local
 from l4jax.config import RopeScaling
 from l4jax.gmm import _schedule, gmm
-from l4jax.masks import attention_mask, left_padding, positions_from_mask, temperature_scales
+from l4jax.masks import (attention_mask, chunk_ids, document_groups, left_padding, positions_from_mask, segment_mask,
+                         segment_positions, temperature_scales, visible)
 from l4jax.moe import route, routed_experts
 from l4jax.norm import rms_normalize
 from l4jax.rope import apply_rope, inv_frequencies, rope_angles
@@ -150,3 +152,64 @@ def test_gmm_schedule_visits_only_overlapping_tiles():
     # All rows on one expert out of 64: exactly the 8 tiles, however many experts exist.
     _, _, valid, _, _ = _schedule(jnp.array([0] * 63 + [256]), 8, 32)
     assert int(valid.sum()) == 8
+
+
+# -- blockwise chunked attention --------------------------------------------------------------------------------
+def _dense_local(q, k, v, q_index, group, valid, scale, past):
+    """The reference for attend_local: one dense mask over (cache + fresh) keys."""
+    k_index, k_valid, k_group = q_index, valid, group
+    if past is not None:
+        k, v = jnp.concatenate([past[0], k], 1), jnp.concatenate([past[1], v], 1)
+        k_index = jnp.concatenate([jnp.broadcast_to(past[2], (1, past[2].shape[1])), q_index], 1)
+        k_valid, k_group = jnp.concatenate([past[3], valid], 1), jnp.concatenate([past[4], group], 1)
+    return attend(q, k, v, visible(q_index, k_index, k_valid, group, k_group), scale)
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+@pytest.mark.parametrize("block", [None, 3, 8])  # the default C/4 (4 blocks back), 3 blocks back, 1 block back
+def test_blockwise_chunked_attention_equals_dense(with_cache, block):
+    """Left-padded rows whose chunks start at different slots, T not a multiple of C, and (with_cache) a chunk-sized
+    ring already holding earlier tokens: the blockwise path gives the dense path's output row for row."""
+    B, T, H, K, hd, C = 3, 37, 4, 2, 8, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, hd)), jnp.float32) for n in (H, K, K))
+    left_pad = jnp.array([0, 3, 11])
+    offset = 13 if with_cache else 0
+    token_valid = jnp.arange(offset + T)[None] >= left_pad[:, None]
+    q_index = offset + jnp.arange(T)[None]
+    group, valid = chunk_ids(q_index, left_pad, C), jnp.take(token_valid, q_index[0], axis=1)
+    past = None
+    if with_cache:
+        slots = cached_slots(C, jnp.asarray(offset))[None]
+        past = (jnp.asarray(rng.normal(size=(B, C, K, hd)), jnp.float32),
+                jnp.asarray(rng.normal(size=(B, C, K, hd)), jnp.float32), slots,
+                (slots >= 0) & jnp.take(token_valid, jnp.maximum(slots[0], 0), axis=1), chunk_ids(slots, left_pad, C))
+    assert use_local(T, C if with_cache else 0, C)
+    got = attend_local(q, k, v, q_index, group, valid, group, 0.3, C, past, block=block)
+    want = _dense_local(q, k, v, q_index, group, valid, 0.3, past)
+    real = np.asarray(valid)  # padding queries give garbage on both paths
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-6, atol=1e-6)
+
+
+def test_blockwise_chunked_attention_on_packed_documents():
+    """Packed rows: documents of many lengths, chunks counted from each document's start, padding at the end."""
+    C, lengths = 8, [[5, 30, 2, 19], [41, 9]]
+    seg = np.zeros((2, 56), np.int32)
+    for row, ls in enumerate(lengths):
+        seg[row, :sum(ls)] = np.repeat(np.arange(1, len(ls) + 1), ls)
+    seg = jnp.asarray(seg)
+    pos = segment_positions(seg)
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 56, n, 8)), jnp.float32) for n in (4, 2, 2))
+    idx = jnp.arange(56)[None]
+    group = document_groups(seg, pos, C)
+    got = attend_local(q, k, v, idx, group, seg > 0, group, 0.3, C)
+    want = attend(q, k, v, segment_mask(seg, pos, C), 0.3)
+    real = np.asarray(seg > 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-6, atol=1e-6)
+
+
+def test_blockwise_path_is_taken_only_when_it_scores_fewer_pairs():
+    # Blocks of C/4 scoring 1.25 C keys each, against T keys each.
+    assert not use_local(10, 0, 8) and use_local(11, 0, 8) and not use_local(40, 0, None)
+    assert use_local(4096, 0, 2048) and not use_local(2048, 0, 2048) and not use_local(1, 2048, 2048)
