@@ -1,6 +1,7 @@
-"""Chunked-layer attention: the dense path (one [T, T] score matrix) against the blockwise path (``attend_local``).
+"""Attention memory and time: chunked layers' dense path (one [T, T] score matrix) against the blockwise path
+(``attend_local``); with ``--global``, global layers' prefill all queries at once against ``QUERY_BLOCK`` at a time.
 
-    python bench/attention.py [--seq 2048 4096 8192] [--chunk 2048] [--batch 1] [--dtype bfloat16]
+    python bench/attention.py [--seq 2048 4096 8192] [--chunk 2048] [--batch 1] [--dtype bfloat16] [--global]
 
 The shapes default to the ``bench`` preset's attention (16 query heads, 8 kv heads, head_dim 128, chunk 2048), one
 left-padded row. For each length it prints the compiled program's temporary memory (XLA's ``memory_analysis``:
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l4jax.attention import attend, attend_local, use_local
+from l4jax.attention import QUERY_BLOCK, attend, attend_by_query_blocks, attend_local, use_local
 from l4jax.masks import chunk_ids, visible
 
 
@@ -52,6 +53,30 @@ def run(T: int, C: int, B: int, H: int, K: int, hd: int, dtype, dense: bool, blo
     return row
 
 
+def run_global(T: int, B: int, H: int, K: int, hd: int, dtype) -> dict:
+    """A global layer's prefill of T tokens (empty cache): all queries at once vs QUERY_BLOCK at a time."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, hd)), dtype) for n in (H, K, K))
+    index = jnp.arange(T)[None]
+    valid = jnp.ones((B, T), bool)
+    scale = hd ** -0.5
+    paths = {"dense": jax.jit(lambda q, k, v: attend(q, k, v, visible(index, index, valid), scale)),
+             "blockwise": jax.jit(lambda q, k, v: attend_by_query_blocks(q, k, v, index, index, valid, None, None,
+                                                                         scale, QUERY_BLOCK))}
+    row, outs = {"T": T, "blockwise chosen": T > QUERY_BLOCK}, {}
+    for name, f in paths.items():
+        compiled = f.lower(q, k, v).compile()
+        mem = compiled.memory_analysis()
+        row[f"{name} temp MiB"] = None if mem is None else mem.temp_size_in_bytes / 2**20
+        outs[name] = compiled(q, k, v).block_until_ready()
+        t = time.perf_counter()
+        compiled(q, k, v).block_until_ready()
+        row[f"{name} ms"] = 1e3 * (time.perf_counter() - t)
+    row["max |diff|"] = float(np.abs(np.asarray(outs["dense"], np.float32) - np.asarray(outs["blockwise"],
+                                                                                         np.float32)).max())
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -63,12 +88,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--block", type=int, default=None, help="query block of the blockwise path (default chunk / 4)")
     ap.add_argument("--dense-max", type=int, default=8192, help="longest T also run on the dense path")
+    ap.add_argument("--global", dest="global_layers", action="store_true",
+                    help=f"global layers' prefill: all queries at once vs {QUERY_BLOCK} at a time")
     a = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
           f"B={a.batch} H={a.heads} K={a.kv_heads} hd={a.head_dim} C={a.chunk} {a.dtype}")
-    rows = [run(T, a.chunk, a.batch, a.heads, a.kv_heads, a.head_dim, jnp.dtype(a.dtype), T <= a.dense_max,
-                a.block)
-            for T in a.seq]
+    if a.global_layers:
+        rows = [run_global(T, a.batch, a.heads, a.kv_heads, a.head_dim, jnp.dtype(a.dtype)) for T in a.seq]
+    else:
+        rows = [run(T, a.chunk, a.batch, a.heads, a.kv_heads, a.head_dim, jnp.dtype(a.dtype), T <= a.dense_max,
+                    a.block)
+                for T in a.seq]
     cols = ["T", "blockwise chosen", "dense temp MiB", "blockwise temp MiB", "dense ms", "blockwise ms", "max |diff|"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

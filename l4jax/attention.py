@@ -80,6 +80,35 @@ def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q
     return out.reshape(B, n * block, H, hd)[:, :T]
 
 
+def attend_by_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k_index: jax.Array,
+                           k_valid: jax.Array, q_group: jax.Array | None, k_group: jax.Array | None, scale: float,
+                           block: int) -> jax.Array:
+    """``attend`` with the dense mask, one block of ``block`` queries at a time (``lax.map``).
+
+    Scores held at once: [B, H, block, S] instead of [B, H, T, S]; the same numbers. For inference only (prefill
+    of a long prompt on global layers): under autodiff each block's probabilities would be kept anyway.
+    q [B, T, H, hd]; k, v [B, S, K, hd]; q_index [B|1, T]; k_index [B|1, S]; k_valid [B, S]; groups or None.
+    """
+    B, T = q.shape[:2]
+    n = -(-T // block)
+
+    def blocks(x):  # [B|1, T, ...] -> [n, B|1, block, ...]
+        x = jnp.pad(x, [(0, 0), (0, n * block - T)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+
+    def one(xs):
+        qb, ib, gb = xs
+        return attend(qb, k, v, visible(ib, k_index, k_valid, gb, k_group), scale)
+
+    out = jax.lax.map(one, (blocks(q), blocks(q_index), None if q_group is None else blocks(q_group)))
+    return jnp.moveaxis(out, 0, 1).reshape(B, n * block, *q.shape[2:])[:, :T]
+
+
+# Prefill scores at most this many queries at once on the dense path: [B, H, 1024, S] fp32 is 2 GiB for the bench
+# preset at S = 32768, where all T queries at once would need 64 GiB.
+QUERY_BLOCK = 1024
+
+
 def use_local(T: int, L: int, span: int | None) -> bool:
     """Blockwise chunked attention when it scores fewer pairs than the dense path (T queries x L + T keys)."""
     if span is None:
@@ -181,5 +210,9 @@ class Attention(nn.Module):
                     k_group = None if group is None else jnp.concatenate([past[4], group], 1)
                 else:
                     k_index, k_group = q_index, group
-                out = attend(q, k, v, visible(q_index, k_index, k_valid, group, k_group), hd ** -0.5)
+                if past is not None and q.shape[1] > QUERY_BLOCK:
+                    out = attend_by_query_blocks(q, k, v, q_index, k_index, k_valid, group, k_group, hd ** -0.5,
+                                                 QUERY_BLOCK)
+                else:
+                    out = attend(q, k, v, visible(q_index, k_index, k_valid, group, k_group), hd ** -0.5)
         return jnp.einsum("bthk,hkd->btd", out, wo), new_cache

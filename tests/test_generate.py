@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import l4jax
+from l4jax import attention
 from l4jax.generate import generate, stream
 from l4jax.model import init_cache
 from tiny import batch, hf_model, save
@@ -60,6 +61,23 @@ def test_prefill_then_decode_logits_equal_full_forward(pair):
         steps.append(np.asarray(logits))
     got = np.concatenate(steps, axis=1)
     sel = full_mask.astype(bool)
+    assert np.abs(got - ref)[sel].max() <= 1e-5 * np.abs(ref[sel]).max()
+
+
+def test_prefill_in_pieces_by_query_blocks_equals_full_forward(pair, monkeypatch):
+    """A prompt prefilled in two pieces (the second onto a cache already holding the first, across chunk
+    boundaries), with the dense path scoring 4 queries at a time and the chunked layers blockwise: the logits of
+    every token equal one full forward's."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 4)
+    _, ours = pair
+    ids, mask, _ = batch(lengths=(30, 19), seed=3)
+    ref = np.asarray(ours(ids, mask))
+    apply = jax.jit(lambda p, i, c, o: ours.module.apply({"params": p}, i, jnp.asarray(mask), cache=c, offset=o))
+    cache = init_cache(ours.config.text, 2, 30)
+    first, cache = apply(ours.params, jnp.asarray(ids[:, :17]), cache, 0)
+    second, _ = apply(ours.params, jnp.asarray(ids[:, 17:]), cache, 17)
+    got = np.concatenate([np.asarray(first), np.asarray(second)], axis=1)
+    sel = mask.astype(bool)
     assert np.abs(got - ref)[sel].max() <= 1e-5 * np.abs(ref[sel]).max()
 
 

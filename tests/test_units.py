@@ -8,7 +8,7 @@ import pytest
 from transformers import Llama4TextConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from l4jax.attention import attend, attend_local, cached_slots, use_local
+from l4jax.attention import attend, attend_by_query_blocks, attend_local, cached_slots, use_local
 from l4jax.config import RopeScaling
 from l4jax.gmm import _schedule, gmm
 from l4jax.masks import (attention_mask, chunk_ids, document_groups, left_padding, positions_from_mask, segment_mask,
@@ -213,3 +213,19 @@ def test_blockwise_path_is_taken_only_when_it_scores_fewer_pairs():
     # Blocks of C/4 scoring 1.25 C keys each, against T keys each.
     assert not use_local(10, 0, 8) and use_local(11, 0, 8) and not use_local(40, 0, None)
     assert use_local(4096, 0, 2048) and not use_local(2048, 0, 2048) and not use_local(1, 2048, 2048)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_query_blocks_equal_one_dense_attention(chunk):
+    """Prefill onto a cache, 5 queries at a time (T = 37 not a multiple): the same output as all queries at once."""
+    B, T, S, H, K, hd = 2, 37, 50, 4, 2, 8
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, S, K, hd)), jnp.float32) for _ in range(2))
+    left_pad = jnp.array([0, 6])
+    q_index, k_index = (S - T) + jnp.arange(T)[None], jnp.arange(S)[None]
+    k_valid = k_index >= left_pad[:, None]
+    groups = (None, None) if chunk is None else tuple(chunk_ids(i, left_pad, chunk) for i in (q_index, k_index))
+    got = attend_by_query_blocks(q, k, v, q_index, k_index, k_valid, *groups, 0.3, 5)
+    want = attend(q, k, v, visible(q_index, k_index, k_valid, *groups), 0.3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
