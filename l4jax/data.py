@@ -8,7 +8,7 @@ File format: UTF-8 text; documents are separated by a line holding only a form f
 which prose never contains, unlike runs of blank lines that plays and fairy tales use inside a story). A file
 without such a line is one document.
 
-Packing: each document becomes ``[bos] + ids + [eos]``; documents are packed whole, best fit, into rows of
+Packing: each document becomes ``[bos] + ids + [<|end_of_text|>]``; documents are packed whole, best fit, into rows of
 ``seq_len + 1`` tokens (a row gives ``seq_len`` inputs and the same ``seq_len`` targets shifted by one). A document
 longer than a row is cut into row-sized pieces, each its own segment. ``PackedDataset.batch(step)`` depends only on
 (data, seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -112,25 +112,31 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
-    """Each document -> int32 ids [n] = [bos] + ids + [eos], with the tokenizer's bos_id and first eos id.
+    """Each document -> int32 ids [n] = [bos] + ids + [end].
 
-    Special-token strings inside the text (``<|eot|>``...) become their single ids, as in ``Tokenizer.encode``.
+    ``end`` is ``<|end_of_text|>`` when the vocabulary has it, else the tokenizer's first eos id: a Llama 4
+    *instruct* folder declares ``<|eot|>`` as its eos (the end of a chat turn), but a document boundary in
+    pretraining-style packing is ``<|end_of_text|>``. Special-token strings inside the text (``<|eot|>``...) become
+    their single ids, as in ``Tokenizer.encode``.
     """
     if isinstance(docs, str):
         raise TypeError("docs must be a sequence of documents, got a single str; wrap it in a list")
     bos, eos = tokenizer.bos_id, tokenizer.eos_ids
-    if bos is None or not eos:
+    try:
+        end = tokenizer.token_id(END_OF_TEXT)
+    except KeyError:
+        end = eos[0] if eos else None
+    if bos is None or end is None:
         raise ValueError(f"tokenizer {tokenizer.path} declares no {'bos' if bos is None else 'eos'} token; "
                          "packing needs both to mark document boundaries")
     out = []
     for i, doc in enumerate(docs):
         if not isinstance(doc, str):
             raise TypeError(f"docs[{i}] must be a str, got {type(doc).__name__}")
-        out.append(np.asarray([bos, *tokenizer.encode(doc, add_bos=False), eos[0]], np.int32))
+        out.append(np.asarray([bos, *tokenizer.encode(doc, add_bos=False), end], np.int32))
     return out
 
 
-# -- packing ------------------------------------------------------------------------------------------------------
 def _pieces(docs_tokens: Sequence[np.ndarray], row_len: int) -> list[tuple[int, int, int]]:
     """(doc, start, stop) pieces of at most row_len tokens each, after validating every document."""
     pieces = []

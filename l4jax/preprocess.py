@@ -204,7 +204,10 @@ class ImageProcessor:
         canvas[:h, :w] = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))
         rows, cols = ch // S, cw // S
         table = normalize_table(self.rescale_factor, self.image_mean, self.image_std)
-        norm = lambda a: table[np.arange(3)[:, None, None], a.transpose(2, 0, 1)]
+
+        def norm(a):  # [h, w, 3] uint8 -> [3, h, w] normalised, one table lookup per channel
+            return table[np.arange(3)[:, None, None], a.transpose(2, 0, 1)]
+
         px = norm(canvas).reshape(3, rows, S, cols, S).transpose(1, 3, 0, 2, 4).reshape(rows * cols, 3, S, S)
         if rows * cols > 1:
             thumb = norm(np.asarray(image.resize((S, S), Image.Resampling.BILINEAR)))

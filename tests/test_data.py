@@ -2,7 +2,9 @@
 
 import hashlib
 import itertools
+import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -126,6 +128,19 @@ def test_tokenize(tokens, docs, tok):
         assert t[1:-1].tolist() == tok.encode(d, add_bos=False)
     with pytest.raises(TypeError, match="single str"):
         data.tokenize("one document", tok)
+
+
+
+def test_documents_end_with_end_of_text_not_an_instruct_eos(tmp_path, docs):
+    """An instruct folder's eos is <|eot|> (a turn's end); documents still end with <|end_of_text|>."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(data.corpus_dir() / name, tmp_path / name)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|eot|>"}))
+    instruct = Tokenizer(tmp_path)
+    assert instruct.eos_ids == (instruct.token_id("<|eot|>"),) != (2,)
+    ends = {int(t[-1]) for t in data.tokenize(docs[:5], instruct)}
+    assert ends == {instruct.token_id("<|end_of_text|>")} == {2}
 
 
 # -- packing ------------------------------------------------------------------------------------------------------

@@ -40,7 +40,10 @@ def draws(logits, n_keys: int, **kw) -> np.ndarray:
 # -- the filter ---------------------------------------------------------------------------------------------------
 def test_top_p_by_hand():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda p: np.isfinite(np.asarray(filter_logits(logits, top_p=p)))[0].tolist()
+
+    def kept(p):
+        return np.isfinite(np.asarray(filter_logits(logits, top_p=p)))[0].tolist()
+
     assert kept(0.8) == [True, True, False, False]             # 0.5 + 0.3 reaches 0.8 exactly
     assert kept(0.81) == [True, True, True, False]
     assert kept(0.5) == [True, False, False, False]
@@ -166,4 +169,4 @@ def test_errors_name_the_argument(kw, err, msg):
 
 def test_traced_temperature_is_rejected_under_jit():
     with pytest.raises(TypeError, match="temperature must be a Python float"):
-        jax.jit(lambda l, k, t: sample(l, k, temperature=t))(jnp.zeros((1, 4)), jax.random.key(0), 0.5)
+        jax.jit(lambda x, k, t: sample(x, k, temperature=t))(jnp.zeros((1, 4)), jax.random.key(0), 0.5)

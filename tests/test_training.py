@@ -171,13 +171,15 @@ def test_main_job_cli_trains_then_generates(tmp_path):
     """The README's two commands, shortened: the loss falls on the shipped corpus, then generate prints text."""
     env = {**os.environ, "XLA_FLAGS": ""}  # the CLI sets up its own 8 simulated devices
     out = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "l4jax.cli", "train", "--config", "configs/tiny.yaml", "--steps", "60", "--out", str(out)],
+    train = subprocess.run([sys.executable, "-m", "l4jax.cli", "train", "--config", "configs/tiny.yaml",
+                            "--steps", "60", "--out", str(out)],
                            capture_output=True, text=True, timeout=900, env=env,
                            cwd=Path(__file__).resolve().parents[1])
     assert train.returncode == 0, train.stderr[-3000:]
     seen = losses(out)
     assert seen[-1] < seen[0] - 0.5, seen
-    gen = subprocess.run([sys.executable, "-m", "l4jax.cli", "generate", "--model", str(out / "model"), "--prompt", "The fox",
-                          "--max-new-tokens", "20"], capture_output=True, text=True, timeout=300, env=env)
+    gen = subprocess.run([sys.executable, "-m", "l4jax.cli", "generate", "--model", str(out / "model"),
+                          "--prompt", "The fox", "--max-new-tokens", "20"],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert len(gen.stdout.strip()) > 0
