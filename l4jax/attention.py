@@ -8,6 +8,9 @@ A chunked layer's query never sees a key more than C - 1 slots back (C = attenti
 tokens are many chunks long (long prefill, long training rows), ``attend_local`` uses that: it cuts the queries into
 blocks of C/4, and each block scores only its own and the four previous blocks of keys (plus the cache L): T x
 (1.25C + L) scores instead of T x (T + L). The result is the dense path's, whose mask is zero everywhere else.
+Otherwise (global layers, and chunked layers over fewer tokens), more than ``QUERY_BLOCK`` fresh tokens go through
+``attend_by_query_blocks``: blocks of queries, each scoring only the keys up to its own end, recomputed rather
+than kept under autodiff, so neither a long prefill nor a long training row holds a [T, T] score matrix.
 """
 
 from __future__ import annotations
@@ -82,30 +85,50 @@ def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q
 
 def attend_by_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k_index: jax.Array,
                            k_valid: jax.Array, q_group: jax.Array | None, k_group: jax.Array | None, scale: float,
-                           block: int) -> jax.Array:
-    """``attend`` with the dense mask, one block of ``block`` queries at a time (``lax.map``).
+                           block: int, pieces: int = 8) -> jax.Array:
+    """``attend`` with the dense mask, ``block`` queries at a time and only the keys they can see.
 
-    Scores held at once: [B, H, block, S] instead of [B, H, T, S]; the same numbers. For inference only (prefill
-    of a long prompt on global layers): under autodiff each block's probabilities would be kept anyway.
-    q [B, T, H, hd]; k, v [B, S, K, hd]; q_index [B|1, T]; k_index [B|1, S]; k_valid [B, S]; groups or None.
+    q [B, T, H, hd]; k, v [B, L + T, K, hd]: the L cached keys, then the T fresh ones (the queries' own tokens, in
+    their order); q_index [B|1, T]; k_index [B|1, L + T]; k_valid [B, L + T]; groups or None.
+    A fresh key after a query's own slot is never visible (causal), so the queries go in P <= ``pieces``
+    consecutive pieces and piece p scores only the cache and the fresh keys up to its own end; within a piece,
+    ``lax.map`` takes one block at a time. Pairs scored: T x L plus about (P + 1) / 2P of T x T.
+    Scores held at once: [B, H, block, <= L + T]. Each block is a ``jax.checkpoint``, so under autodiff the
+    backward pass recomputes its scores rather than keeping every block's probabilities (as flash attention
+    does). The same numbers as one dense pass, up to the order of the sums.
     """
     B, T = q.shape[:2]
+    L = k.shape[1] - T
     n = -(-T // block)
+    # Blocks per piece: at least 2, since XLA unrolls a one-trip loop and the unrolled blocks' scores may then all
+    # be live at once (XLA:CPU's default scheduler keeps every piece's; a loop's body holds one block's at a time).
+    per = max(2, -(-n // pieces))
 
-    def blocks(x):  # [B|1, T, ...] -> [n, B|1, block, ...]
-        x = jnp.pad(x, [(0, 0), (0, n * block - T)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+    def blocks(x):  # [B|1, t, ...] -> [m, B|1, block, ...]
+        m = -(-x.shape[1] // block)
+        x = jnp.pad(x, [(0, 0), (0, m * block - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], m, block, *x.shape[2:]), 1, 0)
 
-    def one(xs):
-        qb, ib, gb = xs
-        return attend(qb, k, v, visible(ib, k_index, k_valid, gb, k_group), scale)
+    outs = []
+    for first in range(0, n, per):
+        t0, t1 = first * block, min((first + per) * block, T)
+        end = L + t1  # the keys this piece can see
+        kp, vp, ip, valid = k[:, :end], v[:, :end], k_index[:, :end], k_valid[:, :end]
+        gp = None if k_group is None else k_group[:, :end]
 
-    out = jax.lax.map(one, (blocks(q), blocks(q_index), None if q_group is None else blocks(q_group)))
-    return jnp.moveaxis(out, 0, 1).reshape(B, n * block, *q.shape[2:])[:, :T]
+        @jax.checkpoint
+        def one(xs, kp=kp, vp=vp, ip=ip, valid=valid, gp=gp):
+            qb, ib, gb = xs
+            return attend(qb, kp, vp, visible(ib, ip, valid, gb, gp), scale)
+
+        qg = None if q_group is None else blocks(q_group[:, t0:t1])
+        out = jax.lax.map(one, (blocks(q[:, t0:t1]), blocks(q_index[:, t0:t1]), qg))
+        outs.append(jnp.moveaxis(out, 0, 1).reshape(B, -1, *q.shape[2:])[:, :t1 - t0])
+    return jnp.concatenate(outs, axis=1)
 
 
-# Prefill scores at most this many queries at once on the dense path: [B, H, 1024, S] fp32 is 2 GiB for the bench
-# preset at S = 32768, where all T queries at once would need 64 GiB.
+# The dense path scores at most this many queries at once: [B, H, 1024, S] fp32 is 2 GiB for the bench preset at
+# S = 32768, where all T queries at once would need 64 GiB.
 QUERY_BLOCK = 1024
 
 
@@ -210,7 +233,7 @@ class Attention(nn.Module):
                     k_group = None if group is None else jnp.concatenate([past[4], group], 1)
                 else:
                     k_index, k_group = q_index, group
-                if past is not None and q.shape[1] > QUERY_BLOCK:
+                if q.shape[1] > QUERY_BLOCK:
                     out = attend_by_query_blocks(q, k, v, q_index, k_index, k_valid, group, k_group, hd ** -0.5,
                                                  QUERY_BLOCK)
                 else:

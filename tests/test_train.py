@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import l4jax
+from l4jax import attention
 from l4jax.config import ConfigError, load_config
 from l4jax.convert import hf
 from l4jax.losses import codistillation, cross_entropy
@@ -60,8 +61,13 @@ def hf_grads_in_l4jax_layout(model, folder, ids, tmp) -> tuple[float, dict]:
     return float(out.loss.detach()), tree
 
 
-@pytest.mark.parametrize("scan,remat", [(True, "full"), pytest.param(False, "none", marks=pytest.mark.slow)])
-def test_loss_and_gradients_equal_transformers(scout, tmp_path, scan, remat):
+@pytest.mark.parametrize("scan,remat,query_block", [
+    (True, "full", None), pytest.param(False, "none", None, marks=pytest.mark.slow),
+    # Global layers score 4 queries at a time, each piece only its visible keys, recomputed in the backward pass.
+    pytest.param(True, "full", 4, marks=pytest.mark.slow)])
+def test_loss_and_gradients_equal_transformers(scout, tmp_path, monkeypatch, scan, remat, query_block):
+    if query_block is not None:
+        monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     model, folder = scout
     ids = np.random.default_rng(0).integers(3, 300, (2, T))
     ref_loss, ref_grads = hf_grads_in_l4jax_layout(model, folder, ids, tmp_path)

@@ -8,6 +8,7 @@ import pytest
 from transformers import Llama4TextConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from l4jax import attention
 from l4jax.attention import attend, attend_by_query_blocks, attend_local, cached_slots, use_local
 from l4jax.config import RopeScaling
 from l4jax.gmm import _schedule, gmm
@@ -215,17 +216,48 @@ def test_blockwise_path_is_taken_only_when_it_scores_fewer_pairs():
     assert use_local(4096, 0, 2048) and not use_local(2048, 0, 2048) and not use_local(1, 2048, 2048)
 
 
-@pytest.mark.parametrize("chunk", [None, 8])
-def test_query_blocks_equal_one_dense_attention(chunk):
-    """Prefill onto a cache, 5 queries at a time (T = 37 not a multiple): the same output as all queries at once."""
-    B, T, S, H, K, hd = 2, 37, 50, 4, 2, 8
+@pytest.mark.parametrize("L, pieces, chunk", [(13, 8, None), (13, 3, 8), (0, 3, None), (0, 8, 8)])
+def test_query_blocks_equal_one_dense_attention(chunk, L, pieces):
+    """5 queries at a time (T = 37 not a multiple), each piece of blocks scoring only the keys up to its end, onto
+    a cache of L entries or none (a training row): the output and its gradients equal all queries at once."""
+    B, T, H, K, hd = 2, 37, 4, 2, 8
+    S = L + T
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(B, S, K, hd)), jnp.float32) for _ in range(2))
     left_pad = jnp.array([0, 6])
-    q_index, k_index = (S - T) + jnp.arange(T)[None], jnp.arange(S)[None]
+    q_index, k_index = L + jnp.arange(T)[None], jnp.arange(S)[None]
     k_valid = k_index >= left_pad[:, None]
+    real = (q_index >= left_pad[:, None])[:, :, None, None]  # padding queries' rows are garbage on both paths
+    w = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32) * real
     groups = (None, None) if chunk is None else tuple(chunk_ids(i, left_pad, chunk) for i in (q_index, k_index))
-    got = attend_by_query_blocks(q, k, v, q_index, k_index, k_valid, *groups, 0.3, 5)
-    want = attend(q, k, v, visible(q_index, k_index, k_valid, *groups), 0.3)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+    def blocked(q, k, v):
+        return attend_by_query_blocks(q, k, v, q_index, k_index, k_valid, *groups, 0.3, 5, pieces)
+
+    def dense(q, k, v):
+        return attend(q, k, v, visible(q_index, k_index, k_valid, *groups), 0.3)
+
+    out = [jax.jit(f)(q, k, v) * real for f in (blocked, dense)]
+    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(out[1]), rtol=1e-6, atol=1e-6)
+    got, want = (jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), (0, 1, 2)))(q, k, v) for f in (blocked, dense))
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-6)
+
+
+def test_query_blocks_score_only_visible_keys(monkeypatch):
+    """Without a cache, 8 blocks of 64 go in 4 pieces of 2; piece p scores only the keys up to its end, so the
+    pairs scored are 2 (2 + 4 + 6 + 8) / 64 = 5/8 of the dense path's."""
+    B, T, H, K, hd, block = 1, 512, 4, 2, 16, 64
+    q, k, v = (jnp.ones((B, T, n, hd)) for n in (H, K, K))
+    index, valid = jnp.arange(T)[None], jnp.ones((B, T), bool)
+    scored = []  # (queries, keys) of each traced block; lax.map traces a piece's body once
+
+    def recording(q, k, v, mask, scale):
+        scored.append((q.shape[1], k.shape[1]))
+        return attend(q, k, v, mask, scale)
+
+    monkeypatch.setattr(attention, "attend", recording)
+    attention.attend_by_query_blocks(q, k, v, index, index, valid, None, None, 0.1, block)
+    assert scored == [(64, 128), (64, 256), (64, 384), (64, 512)]
+    assert sum(2 * qn * kn for qn, kn in scored) / T**2 == 5 / 8
