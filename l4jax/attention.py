@@ -86,7 +86,7 @@ def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q
 def attend_by_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k_index: jax.Array,
                            k_valid: jax.Array, q_group: jax.Array | None, k_group: jax.Array | None, scale: float,
                            block: int, pieces: int = 8) -> jax.Array:
-    """``attend`` with the dense mask, ``block`` queries at a time and only the keys they can see.
+    """``attend`` with the dense mask, at most ``block`` queries at a time and only the keys they can see.
 
     q [B, T, H, hd]; k, v [B, L + T, K, hd]: the L cached keys, then the T fresh ones (the queries' own tokens, in
     their order); q_index [B|1, T]; k_index [B|1, L + T]; k_valid [B, L + T]; groups or None.
@@ -100,6 +100,7 @@ def attend_by_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_index: ja
     B, T = q.shape[:2]
     L = k.shape[1] - T
     n = -(-T // block)
+    block = -(-T // n)  # n equal blocks of at most ``block``: T = 1025 pads to 2 x 513, not 2 x 1024
     # Blocks per piece: at least 2, since XLA unrolls a one-trip loop and the unrolled blocks' scores may then all
     # be live at once (XLA:CPU's default scheduler keeps every piece's; a loop's body holds one block's at a time).
     per = max(2, -(-n // pieces))

@@ -261,3 +261,7 @@ def test_query_blocks_score_only_visible_keys(monkeypatch):
     attention.attend_by_query_blocks(q, k, v, index, index, valid, None, None, 0.1, block)
     assert scored == [(64, 128), (64, 256), (64, 384), (64, 512)]
     assert sum(2 * qn * kn for qn, kn in scored) / T**2 == 5 / 8
+    scored.clear()  # 130 queries: 3 equal blocks of 44 (132 slots), not 3 of 64 (192)
+    attention.attend_by_query_blocks(q[:, :130], k[:, :130], v[:, :130], index[:, :130], index[:, :130],
+                                     valid[:, :130], None, None, 0.1, block)
+    assert scored == [(44, 88), (44, 130)]
