@@ -24,6 +24,24 @@ from l4jax.attention import QUERY_BLOCK, attend, attend_by_query_blocks, attend_
 from l4jax.masks import chunk_ids, visible
 
 
+def measure(fns: dict, args: tuple, row: dict, repeats: int) -> dict:
+    """Compile each jitted function on ``args``; put its temp MiB and median ms of ``repeats`` calls (after a first
+    one) in ``row``; return each one's output."""
+    outs = {}
+    for name, f in fns.items():
+        compiled = f.lower(*args).compile()
+        mem = compiled.memory_analysis()
+        row[f"{name} temp MiB"] = None if mem is None else mem.temp_size_in_bytes / 2**20
+        outs[name] = jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t)
+        row[f"{name} ms"] = 1e3 * float(np.median(times))
+    return outs
+
+
 def run(T: int, C: int, B: int, H: int, K: int, hd: int, dtype, dense: bool, block: int | None) -> dict:
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, hd)), dtype) for n in (H, K, K))
@@ -36,18 +54,8 @@ def run(T: int, C: int, B: int, H: int, K: int, hd: int, dtype, dense: bool, blo
                                                                          block=block))}
     if dense:
         paths["dense"] = jax.jit(lambda q, k, v: attend(q, k, v, visible(index, index, valid, group, group), scale))
-    row, outs = {"T": T, "blockwise chosen": use_local(T, 0, C)}, {}
-    for name, f in paths.items():
-        compiled = f.lower(q, k, v).compile()
-        mem = compiled.memory_analysis()
-        row[f"{name} temp MiB"] = None if mem is None else mem.temp_size_in_bytes / 2**20
-        outs[name] = compiled(q, k, v).block_until_ready()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            compiled(q, k, v).block_until_ready()
-            times.append(time.perf_counter() - t)
-        row[f"{name} ms"] = 1e3 * float(np.median(times))
+    row = {"T": T, "blockwise chosen": use_local(T, 0, C)}
+    outs = measure(paths, (q, k, v), row, repeats=5)
     if dense:
         real = np.asarray(valid)
         diff = np.abs(np.asarray(outs["dense"], np.float32) - np.asarray(outs["blockwise"], np.float32))[real]
@@ -73,15 +81,8 @@ def run_global(T: int, B: int, H: int, K: int, hd: int, dtype, train: bool) -> d
     if train:
         fns = {name: jax.grad(lambda q, k, v, f=f: jnp.sum((f(q, k, v) * w).astype(jnp.float32)), (0, 1, 2))
                for name, f in fns.items()}
-    row, outs = {"T": T, "blockwise chosen": T > QUERY_BLOCK}, {}
-    for name, f in fns.items():
-        compiled = jax.jit(f).lower(q, k, v).compile()
-        mem = compiled.memory_analysis()
-        row[f"{name} temp MiB"] = None if mem is None else mem.temp_size_in_bytes / 2**20
-        outs[name] = jax.block_until_ready(compiled(q, k, v))
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
-        row[f"{name} ms"] = 1e3 * (time.perf_counter() - t)
+    row = {"T": T, "blockwise chosen": T > QUERY_BLOCK}
+    outs = measure({name: jax.jit(f) for name, f in fns.items()}, (q, k, v), row, repeats=1)
     row["max |diff|"] = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
                             for a, b in zip(jax.tree.leaves(outs["dense"]), jax.tree.leaves(outs["blockwise"])))
     row["max |dense|"] = max(float(np.abs(np.asarray(a, np.float32)).max()) for a in jax.tree.leaves(outs["dense"]))

@@ -44,6 +44,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     return out.reshape(B, T, H, hd)
 
 
+def split_blocks(x: jax.Array, block: int, fill=0) -> jax.Array:
+    """[B, t, ...] -> [B, ceil(t / block), block, ...], the last block padded with ``fill``."""
+    m = -(-x.shape[1] // block)
+    x = jnp.pad(x, [(0, 0), (0, m * block - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape(x.shape[0], m, block, *x.shape[2:])
+
+
 def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q_group: jax.Array,
                  k_valid: jax.Array, k_group: jax.Array, scale: float, span: int, past: tuple | None = None,
                  block: int | None = None) -> jax.Array:
@@ -61,8 +68,7 @@ def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q
     n, p = -(-T // block), -(-(span - 1) // block)
 
     def blocks(x, fill):  # [B, T, ...] -> [B, n, block, ...]
-        x = jnp.pad(x, [(0, 0), (0, n * block - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return x.reshape(x.shape[0], n, block, *x.shape[2:])
+        return split_blocks(x, block, fill)
 
     def keys(x, fill, cached=None):  # [B, T, ...] -> [B, n, L + (p + 1) block, ...]: cache, blocks n-p .. n
         x = blocks(x, fill)
@@ -105,10 +111,8 @@ def attend_by_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_index: ja
     # be live at once (XLA:CPU's default scheduler keeps every piece's; a loop's body holds one block's at a time).
     per = max(2, -(-n // pieces))
 
-    def blocks(x):  # [B|1, t, ...] -> [m, B|1, block, ...]
-        m = -(-x.shape[1] // block)
-        x = jnp.pad(x, [(0, 0), (0, m * block - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(x.shape[0], m, block, *x.shape[2:]), 1, 0)
+    def blocks(x):  # [B|1, t, ...] -> [m, B|1, block, ...]: lax.map's leading axis
+        return jnp.moveaxis(split_blocks(x, block), 1, 0)
 
     outs = []
     for first in range(0, n, per):

@@ -8,10 +8,10 @@ File format: UTF-8 text; documents are separated by a line holding only a form f
 which prose never contains, unlike runs of blank lines that plays and fairy tales use inside a story). A file
 without such a line is one document.
 
-Packing: each document becomes ``[bos] + ids + [<|end_of_text|>]``; documents are packed whole, best fit, into rows of
-``seq_len + 1`` tokens (a row gives ``seq_len`` inputs and the same ``seq_len`` targets shifted by one). A document
-longer than a row is cut into row-sized pieces, each its own segment. ``PackedDataset.batch(step)`` depends only on
-(data, seed, step), so a resumed run sees exactly the batches it would have seen.
+Packing: each document becomes ``[bos] + ids + [<|end_of_text|>]``; documents are packed whole, best fit, into
+rows of ``seq_len + 1`` tokens (a row gives ``seq_len`` inputs and the same ``seq_len`` targets shifted by one). A
+document longer than a row is cut into row-sized pieces, each its own segment. ``PackedDataset.batch(step)``
+depends only on (data, seed, step), so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
     return out
 
 
+# -- packing ------------------------------------------------------------------------------------------------------
 def _pieces(docs_tokens: Sequence[np.ndarray], row_len: int) -> list[tuple[int, int, int]]:
     """(doc, start, stop) pieces of at most row_len tokens each, after validating every document."""
     pieces = []
