@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l4jax.attention import QUERY_BLOCK, attend, attend_by_query_blocks, attend_local, use_local
-from l4jax.masks import chunk_ids, visible
+from l4jax.model.attention import QUERY_BLOCK, attend, attend_by_query_blocks, attend_local, use_local
+from l4jax.model.masks import chunk_ids, visible
 
 
 def measure(fns: dict, args: tuple, row: dict, repeats: int) -> dict:

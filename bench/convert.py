@@ -20,10 +20,11 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import yaml
 from safetensors.numpy import save_file
 
-from l4jax.config import load_config
-from l4jax.convert.hf import text_sources
+from l4jax.checkpoints.hf_names import text_sources
+from l4jax.config import PRESET_DIR, load_config
 
 PLAIN_READ = """
 import sys, json
@@ -73,9 +74,6 @@ def write_checkpoint(folder: Path, config_name: str, layers: int | None, shard_b
 
 
 def _hf_config(name: str) -> dict:
-    import yaml
-
-    from l4jax.config import PRESET_DIR
     d = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
     return d.get("text_config", d)
 

@@ -3,7 +3,7 @@
     python bench/decode.py [--config bench] [--prompt 2048] [--new 64] [--batch 1 32] [--dtype bfloat16] [--no-hf]
 
 Random weights of the given preset (the ``bench`` preset: hidden 2048, 8 MoE layers, 16 experts top-1, vocab
-202048). Decode is greedy, no stop token, through ``l4jax.generate.stream`` (the real API: one compiled step per
+202048). Decode is greedy, no stop token, through ``l4jax.infer.generate.stream`` (the real API: one compiled step per
 token with a donated cache). The roofline column divides the bytes of weights a step must read by the measured
 copy bandwidth of the device: attention, norms, router, shared expert and LM head on every step, plus the routed
 experts the batch can touch (min(E, B*k) per MoE layer; an upper bound at large batch).
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import l4jax
-from l4jax.generate import stream
+from l4jax.infer.generate import stream
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

@@ -4,7 +4,7 @@
 
 Random weights of the given preset (``bench``: hidden 2048, 8 MoE layers, 16 experts top-1, vocab 202048), bf16
 compute with fp32 master weights and AdamW on both sides. MFU = model FLOPs per token (top-k experts only, see
-``l4jax.flops``) x tokens/s / the device's measured bf16 matmul rate. transformers computes every expert for every
+``l4jax.train.flops``) x tokens/s / the device's measured bf16 matmul rate. transformers computes every expert for every
 token (its Llama 4 MoE is dense), so its MFU counts only the useful top-k work too.
 """
 
@@ -18,9 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import l4jax
-from l4jax import flops
-from l4jax.train import Trainer
-from l4jax.train_config import TrainConfig
+from l4jax.train import TrainConfig, Trainer, flops
 
 
 def random_batch(vocab: int, batch: int, seq: int) -> dict:

@@ -1,11 +1,15 @@
-"""l4jax: Llama 4 in JAX/Flax, numerically matching Hugging Face transformers."""
+"""l4jax: Llama 4 in JAX/Flax, numerically matching Hugging Face transformers.
 
-from .api import Model, init, load
+The public API: ``load`` / ``init`` a ``Model``, ``load_config`` and the config classes, ``make_mesh``, and the
+errors they raise. The packages below hold the rest: ``model`` (the network), ``parallel`` (meshes and sharding
+rules), ``checkpoints`` (weights on disk), ``infer`` (the model handle, generation), ``train`` and ``data``.
+"""
+
+from .checkpoints import CheckpointError
 from .config import ConfigError, Llama4Config, RopeScaling, TextConfig, VisionConfig, load_config
-from .convert.hf import CheckpointError
-from .sharding import ShardingError, make_mesh
-from . import distributed  # noqa: F401  (l4jax.distributed.initialize)
+from .infer import Model, init, load
+from .parallel import ShardingError, distributed, make_mesh
 
 __version__ = "0.1.0"
 __all__ = ["Model", "init", "load", "load_config", "ConfigError", "CheckpointError", "Llama4Config", "TextConfig",
-           "VisionConfig", "RopeScaling", "make_mesh", "ShardingError"]
+           "VisionConfig", "RopeScaling", "make_mesh", "ShardingError", "distributed"]

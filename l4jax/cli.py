@@ -4,21 +4,32 @@ turns an HF checkpoint into an l4jax (Orbax) one."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from . import tree
+from .checkpoints import hf_import, l4jax_format
+from .checkpoints.hf_import import CheckpointError
+from .config import ConfigError, dtype_name, load_config
+from .data.images import ImageProcessor, encode_with_images
+from .data.tokenizer import IMAGE, IncrementalDecoder, Tokenizer, chat_prompt
+from .infer import load
+from .infer.generate import stream
+from .infer.load import abstract_model
+from .parallel import make_mesh, parse_mesh, simulate_cpu_devices
+from .train.loop import TrainingError, run
+from .train.lora import LoraConfig
+from .train.settings import TrainConfig
 
 
 def _info(args) -> int:
-    import jax
-    import numpy as np
-    from flax import linen as nn
-
-    from .api import abstract_params
-    from .config import load_config
-
     cfg = load_config(args.model)
     t = cfg.text
-    params = nn.meta.unbox(abstract_params(t))
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"text decoder: {t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads} q / "
           f"{t.num_key_value_heads} kv heads x {t.head_dim}, vocab {t.vocab_size}")
     print(f"experts: {t.num_local_experts} (top-{t.num_experts_per_tok}) on {len(t.moe_layers)} layers, "
@@ -30,41 +41,24 @@ def _info(args) -> int:
     for i in range(t.num_hidden_layers):
         print(f"{i:5d}  {'chunked' if t.chunked_layers[i] else 'global':9s}  {'yes' if t.rope_layers[i] else 'no':4s}  "
               f"{'moe' if t.is_moe(i) else 'dense'}")
-    print(f"text parameters: {total:,}")
+    params = abstract_model(cfg)
+    vision = {k: params.pop(k) for k in ("vision_model", "projector") if k in params}
+    print(f"text parameters: {tree.count(params):,}")
     if cfg.vision is not None:
-        from .api import abstract_vision_params
-        from .vision import tokens_per_tile
-
         v = cfg.vision
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract_vision_params(cfg))))
         print(f"vision tower: {v.num_hidden_layers} layers, hidden {v.hidden_size}, {v.image_size}-px tiles of "
-              f"{tokens_per_tile(v)} tokens; vision parameters (with the projector): {n:,}")
+              f"{v.tokens_per_tile} tokens; vision parameters (with the projector): {tree.count(vision):,}")
     return 0
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=2,expert=2,tensor=2' -> {'data': 2, 'expert': 2, 'tensor': 2}."""
-    axes = {}
-    for part in filter(None, text.split(",")):
-        name, _, size = part.partition("=")
-        if not size.strip().isdigit():
-            raise ValueError(f"--mesh: expected AXIS=SIZE pairs like data=2,tensor=4, got {part!r}")
-        axes[name.strip()] = int(size)
-    return axes
+def _mesh(text: str | None):
+    return make_mesh(**parse_mesh(text)) if text else None
 
 
 def _generate(args) -> int:
-    import numpy as np
-
-    from . import load, make_mesh
-    from .generate import stream
-    from .preprocess import ImageProcessor, encode_with_images
-    from .tokenizer import IMAGE, IncrementalDecoder, Tokenizer, chat_prompt
-
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
-    dtype = DTYPES.get(args.dtype, args.dtype)
+    dtype = None if args.dtype is None else dtype_name(args.dtype, "--dtype", ("float32", "bfloat16"))
     images = args.image or []
-    model = load(args.model, dtype=dtype, mesh=mesh, vision=bool(images))  # the tower only when there are images
+    model = load(args.model, dtype=dtype, mesh=_mesh(args.mesh), vision=bool(images))  # the tower only with images
     tok = Tokenizer(args.model)
     if args.chat:  # images first, then the text, in one user message
         parts = [{"type": "image"}] * len(images) + [{"type": "text", "text": args.prompt}]
@@ -88,43 +82,25 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
-    import json
-    from pathlib import Path
-
-    import numpy as np
-    from tqdm import tqdm
-
-    from .config import load_config
-    from .convert import hf, orbax
-    from .convert.hf_vision import vision_sources
-
     src = Path(args.from_hf)
     cfg = load_config(src)
-    dtype = np.dtype(DTYPES.get(args.dtype, args.dtype)) if args.dtype else hf.checkpoint_dtype(src)
+    dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
-    extra = () if cfg.vision is None else vision_sources(cfg.vision, cfg.text.hidden_size)
-    index = hf.SafetensorsIndex(src)
-    total = sum(int(np.prod(s.shape)) for s in hf.plan(index, cfg.text, extra)) * dtype.itemsize
+    index = hf_import.SafetensorsIndex(src)
+    total = sum(s.size for s in hf_import.plan(index, cfg)) * dtype.itemsize
     index.close()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {args.to}", file=sys.stderr) as bar:
-        orbax.save(hf.stream(src, cfg.text, dtype, extra=extra), args.to,
-                   config=json.loads((src / "config.json").read_text()), dtype=dtype.name, side_files_from=src,
-                   progress=bar.update)
+        l4jax_format.save(hf_import.stream(src, cfg, dtype), args.to,
+                          config=json.loads((src / "config.json").read_text()), dtype=dtype.name,
+                          side_files_from=src, progress=bar.update)
     return 0
 
 
 def _train(args) -> int:
-    from pathlib import Path
-
-    from . import make_mesh
-    from .config import load_config
-    from .train_config import LoraSettings, TrainConfig
-    from .training import TrainingError, run
-
     config = load_config(args.config)
     tc = TrainConfig.from_yaml(args.config).replace(steps=args.steps, seed=args.seed, init_from=args.init_from)
     if args.lora and tc.lora is None:
-        tc = tc.replace(lora=LoraSettings())
+        tc = tc.replace(lora=LoraConfig())
     mesh_axes = parse_mesh(args.mesh) if args.mesh else dict(tc.mesh)
     mesh = make_mesh(**mesh_axes) if mesh_axes else None
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -140,38 +116,24 @@ def _train(args) -> int:
     return 0
 
 
-def _simulated_devices(argv: list[str]) -> None:
-    """``l4jax train`` on a CPU-only machine: split the host into as many XLA devices as the mesh needs.
-
-    XLA reads the flag when the first backend starts, so this runs before anything asks jax for devices. It only
-    affects the CPU backend (a GPU run keeps its GPUs).
-    """
-    import os
-
-    from jax._src import xla_bridge  # no public way to ask whether the backends have started
-
-    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get(
-            "XLA_FLAGS", ""):
-        return
-    import yaml
-
+def _devices_wanted(argv: list[str]) -> int:
+    """How many devices the command's mesh needs (``--mesh``, else a config's ``train.mesh``), 1 without one."""
     mesh = None
     if "--mesh" in argv and argv.index("--mesh") + 1 < len(argv):
-        mesh = parse_mesh(argv[argv.index("--mesh") + 1])
+        try:
+            mesh = parse_mesh(argv[argv.index("--mesh") + 1])
+        except ValueError:
+            return 1  # reported when the command parses its arguments
     elif "--config" in argv and argv.index("--config") + 1 < len(argv):
         try:
             doc = yaml.safe_load(open(argv[argv.index("--config") + 1])) or {}
             mesh = (doc.get("train") or {}).get("mesh")
         except (OSError, yaml.YAMLError, AttributeError):
-            return  # the real error is reported when the config is loaded
+            return 1  # the real error is reported when the config is loaded
     n = 1
     for size in (mesh or {}).values():
-        n *= int(size)
-    if n > 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
-
-
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
+        n *= int(size) if isinstance(size, int) else 1
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,10 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=int, default=None)
     tr.set_defaults(run=_train)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        _simulated_devices(sys.argv[1:] if argv is None else argv)
-    from .config import ConfigError
-    from .convert.hf import CheckpointError
+    if args.command in ("train", "generate"):
+        # On a CPU-only machine, split the host into as many XLA devices as the mesh needs (before jax starts).
+        simulate_cpu_devices(_devices_wanted(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)
     except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:

@@ -25,6 +25,21 @@ def _fail(owner: str, field: str, msg: str):
     raise ConfigError(f"{owner}.{field}: {msg}")
 
 
+# Dtypes by name: the canonical numpy names, and the short ones the command line and configs also accept.
+DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def dtype_name(name: str, where: str, allowed: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> str:
+    """The canonical name ("bfloat16") of a dtype name or alias ("bf16"); a ConfigError naming ``where`` when it
+    is not one of ``allowed``."""
+    canonical = DTYPES.get(name) if isinstance(name, str) else None
+    if canonical not in allowed:
+        names = sorted(k for k, v in DTYPES.items() if v in allowed)
+        raise ConfigError(f"{where}: unknown dtype {name!r}; expected one of {names}")
+    return canonical
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """llama3-style frequency scaling (HF ``rope_parameters`` with ``rope_type: llama3``)."""
@@ -142,33 +157,7 @@ class TextConfig:
         if head_dim is None:  # older configs; HF falls back to hidden / heads
             head_dim = _int(get("hidden_size"), "hidden_size") // heads
 
-        # HF no_rope_layers: 1 = the layer USES RoPE. Empty/None -> derived from the interval.
-        no_rope = d.get("no_rope_layers")
-        if not no_rope:
-            interval = _int(d.get("no_rope_layer_interval", 4), "no_rope_layer_interval")
-            no_rope = [int((i + 1) % interval != 0) for i in range(L)]
-        if any(v not in (0, 1, True, False) for v in no_rope):
-            _fail("TextConfig", "no_rope_layers", f"entries must be 0 or 1, got {list(no_rope)}")
-        rope_layers = tuple(bool(v) for v in no_rope)
-
-        moe = d.get("moe_layers")
-        if moe is None:
-            step = _int(d.get("interleave_moe_layer_step", 1), "interleave_moe_layer_step")
-            moe = list(range(step - 1, L, step))
-
-        chunk = d.get("attention_chunk_size", 8192)
-        layer_types = d.get("layer_types")
-        if layer_types is None:
-            chunked = rope_layers
-        else:
-            unknown = sorted(set(layer_types) - {"chunked_attention", "full_attention"})
-            if unknown:
-                _fail("TextConfig", "layer_types", f"unknown attention types {unknown}; expected "
-                      "'chunked_attention' or 'full_attention'")
-            chunked = tuple(t == "chunked_attention" for t in layer_types)
-        if chunk is None:  # e.g. Llama Guard 4: no chunking anywhere
-            chunked = (False,) * len(chunked)
-
+        rope_layers, chunked, moe, chunk = _layer_lists(d, L)
         theta, scaling = _rope_from_hf(d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
@@ -183,7 +172,7 @@ class TextConfig:
             num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
             intermediate_size=get("intermediate_size"), intermediate_size_mlp=get("intermediate_size_mlp"),
             num_local_experts=get("num_local_experts"), num_experts_per_tok=get("num_experts_per_tok"),
-            moe_layers=tuple(int(i) for i in moe), rope_layers=rope_layers, chunked_layers=tuple(chunked),
+            moe_layers=tuple(int(i) for i in moe), rope_layers=rope_layers, chunked_layers=chunked,
             attention_chunk_size=chunk, use_qk_norm=bool(get("use_qk_norm")),
             attn_temperature_tuning=bool(get("attn_temperature_tuning")),
             floor_scale=float(get("floor_scale")), attn_scale=float(get("attn_scale")),
@@ -192,7 +181,6 @@ class TextConfig:
             max_position_embeddings=get("max_position_embeddings"),
             bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos, pad_token_id=d.get("pad_token_id"),
         )
-
 
     def to_hf(self) -> dict:
         """An HF ``llama4_text`` config dict with every derived list written out; ``from_hf`` inverts it."""
@@ -244,6 +232,11 @@ class VisionConfig:
         if self.intermediate_size != expect:
             _fail(own, "intermediate_size", f"must equal hidden_size / pixel_shuffle_ratio**2 = {expect} (it is the "
                   f"adapter's input width), got {self.intermediate_size}")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """P' = (S / p)^2 r^2: the ``<|patch|>`` tokens each tile contributes (144 for Llama 4)."""
+        return round((self.image_size // self.patch_size) ** 2 * self.pixel_shuffle_ratio ** 2)
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "VisionConfig":
@@ -320,6 +313,37 @@ def _int(v, name: str) -> int:
     return v
 
 
+def _layer_lists(d: Mapping[str, Any], L: int) -> tuple[tuple[bool, ...], tuple[bool, ...], list, int | None]:
+    """(rope_layers, chunked_layers, moe_layers, attention_chunk_size) of an HF text config of L layers."""
+    # HF no_rope_layers: 1 = the layer USES RoPE. Empty/None -> derived from the interval.
+    no_rope = d.get("no_rope_layers")
+    if not no_rope:
+        interval = _int(d.get("no_rope_layer_interval", 4), "no_rope_layer_interval")
+        no_rope = [int((i + 1) % interval != 0) for i in range(L)]
+    if any(v not in (0, 1, True, False) for v in no_rope):
+        _fail("TextConfig", "no_rope_layers", f"entries must be 0 or 1, got {list(no_rope)}")
+    rope_layers = tuple(bool(v) for v in no_rope)
+
+    moe = d.get("moe_layers")
+    if moe is None:
+        step = _int(d.get("interleave_moe_layer_step", 1), "interleave_moe_layer_step")
+        moe = list(range(step - 1, L, step))
+
+    chunk = d.get("attention_chunk_size", 8192)
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        chunked = rope_layers
+    else:
+        unknown = sorted(set(layer_types) - {"chunked_attention", "full_attention"})
+        if unknown:
+            _fail("TextConfig", "layer_types", f"unknown attention types {unknown}; expected "
+                  "'chunked_attention' or 'full_attention'")
+        chunked = tuple(t == "chunked_attention" for t in layer_types)
+    if chunk is None:  # e.g. Llama Guard 4: no chunking anywhere
+        chunked = (False,) * len(chunked)
+    return rope_layers, tuple(chunked), moe, chunk
+
+
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     """``rope_parameters`` (transformers 5) or legacy ``rope_scaling`` + ``rope_theta``."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -337,4 +361,5 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
                               float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
 
 
-__all__ = ["ConfigError", "RopeScaling", "TextConfig", "VisionConfig", "Llama4Config", "load_config"]
+__all__ = ["DTYPES", "ConfigError", "RopeScaling", "dtype_name", "TextConfig", "VisionConfig", "Llama4Config",
+           "load_config"]

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from l4jax.cli import main, parse_mesh
-from l4jax.tokenizer import Tokenizer, chat_prompt
+from l4jax.cli import main
+from l4jax.parallel import parse_mesh
+from l4jax.data.tokenizer import Tokenizer, chat_prompt
 from tiny import hf_model, make_tokenizer, save
 
 

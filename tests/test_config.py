@@ -1,12 +1,15 @@
 """Config loading: real-shaped Scout and Maverick config.json files, presets, derived layer lists, errors."""
 
+import dataclasses
 import json
 
 import pytest
 from transformers import Llama4TextConfig
 
 import l4jax
+from l4jax import tree
 from l4jax.config import ConfigError, TextConfig, load_config
+from l4jax.infer.load import abstract_model
 
 VISION = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
               image_size=336, patch_size=14, num_channels=3, pixel_shuffle_ratio=0.5, projector_input_dim=4096,
@@ -81,12 +84,7 @@ def test_explicit_lists_and_null_chunk():
 
 def test_presets_match_reference_parameter_counts():
     """Reference totals minus vision tower (850,960,896) and projector (20,971,520)."""
-    from flax import linen as nn
-    import jax
-    import numpy as np
-    from l4jax.api import abstract_params
-    count = lambda name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(  # noqa: E731
-        nn.meta.unbox(abstract_params(load_config(name).text))))
+    count = lambda name: tree.count(abstract_model(dataclasses.replace(load_config(name), vision=None)))  # noqa: E731
     assert count("scout") == 108_641_793_536 - 850_960_896 - 20_971_520
     assert count("maverick") == 401_583_781_376 - 850_960_896 - 20_971_520
     b = load_config("bench").text

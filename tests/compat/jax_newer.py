@@ -81,9 +81,9 @@ def train_checks(name, path, ref, folder, report):
     import jax
 
     import l4jax
-    from l4jax.checkpoint import Checkpoints
-    from l4jax.train import Trainer
-    from l4jax.train_config import TrainConfig
+    from l4jax.checkpoints.train_state import Checkpoints
+    from l4jax.train.step import Trainer
+    from l4jax.train.settings import TrainConfig
 
     ids = ref[f"{name}_train_ids"].astype(np.int32)
     batch = {"inputs": ids, "targets": np.roll(ids, -1, axis=1), "segment_ids": np.ones_like(ids),

@@ -1,0 +1,53 @@
+"""The one atomic folder writer: a folder appears whole at its destination, or not at all.
+
+Every l4jax writer (the l4jax checkpoint format, LoRA adapters, the model a training run exports) fills a
+temporary sibling ``.<name>.partial`` and renames it into place at the end, so an interrupted write never leaves a
+half-written folder at the destination (and a killed run's leftover is replaced by the next attempt). With several
+processes every process enters the block and writes its own shards; process 0 creates, finalises and renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import jax
+
+from ..parallel.distributed import sync
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, overwrite: bool = False, what: str = "folder") -> Iterator[Path]:
+    """Yield the temporary folder to fill; on leaving the block without an error it becomes ``out``.
+
+    ``out`` must not exist unless ``overwrite``; then the previous folder is moved aside first (a directory
+    cannot be replaced in one rename), so a crash in the instant between the two renames leaves it at
+    ``.<name>.old`` beside ``out``. On an error the temporary folder is removed and ``out`` is untouched.
+    """
+    out = Path(out).absolute()  # newer Orbax refuses relative paths
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite a {what}")
+    primary = jax.process_index() == 0
+    # The same names on every process (they share the filesystem).
+    tmp, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir(parents=True)
+    sync(f"l4jax-atomic-start-{out.name}")
+    try:
+        yield tmp
+        sync(f"l4jax-atomic-written-{out.name}")
+        if primary:
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        sync(f"l4jax-atomic-done-{out.name}")
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,276 @@
+"""Text side of inference: the HF ``tokenizer.json`` tokenizer, streaming decode, and the Llama 4 chat template.
+
+``Tokenizer`` wraps the ``tokenizers`` library (the same Rust tokenizer ``transformers`` uses), so ids match
+``PreTrainedTokenizerFast`` exactly. Special tokens (ids from the reference's converter, for the real vocabulary):
+200000 ``<|begin_of_text|>``, 200001 ``<|end_of_text|>``, 200005/200006 ``<|header_start|>``/``<|header_end|>``,
+200007 ``<|eom|>``, 200008 ``<|eot|>``, 200018 ``<|finetune_right_pad|>`` (pad), 200090 ``<|image|>``,
+200092 ``<|patch|>``. They are always looked up by string here, never hard-coded, so small test vocabularies work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+
+BOS = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+HEADER_START = "<|header_start|>"
+HEADER_END = "<|header_end|>"
+EOM = "<|eom|>"        # end of message: the model expects a tool result next
+EOT = "<|eot|>"        # end of turn
+IMAGE = "<|image|>"    # one per image in the prompt; the vision processor expands it into tiles of <|patch|>
+
+STOP_TOKENS = (EOT, EOM, END_OF_TEXT)
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or {} when the file does not exist."""
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens either as a string or as {"content": ..., ...}."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def _as_id_list(value: Any) -> list[int]:
+    """An ``eos_token_id``-style field (absent, int, or list of ints) as a list."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+class Tokenizer:
+    """A Llama 4 tokenizer folder: ``tokenizer.json`` plus, when present, ``tokenizer_config.json`` (bos / eos /
+    pad tokens and added special tokens), ``generation_config.json`` and ``config.json`` (extra eos ids).
+
+    ``path`` is the folder or the ``tokenizer.json`` file itself.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        folder, file = (path.parent, path) if path.is_file() else (path, path / "tokenizer.json")
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {file}")
+        self.path = folder
+        self._tok = tokenizers.Tokenizer.from_file(str(file))
+        tok_cfg = _read_json(folder / "tokenizer_config.json")
+        gen_cfg = _read_json(folder / "generation_config.json")
+        model_cfg = _read_json(folder / "config.json")
+        self._register_added_tokens(tok_cfg, folder / "tokenizer_config.json")
+
+        def config_ids(name: str) -> list[int]:
+            # Multimodal config.json files keep the text ids under text_config.
+            return (_as_id_list(gen_cfg.get(name)) + _as_id_list(model_cfg.get(name))
+                    + _as_id_list((model_cfg.get("text_config") or {}).get(name)))
+
+        def named_id(key: str) -> int | None:
+            content = _token_content(tok_cfg.get(key))
+            if content is None:
+                return None
+            try:
+                return self.token_id(content)
+            except KeyError:
+                raise ValueError(f"{folder / 'tokenizer_config.json'}: {key} {content!r} is not in the vocabulary") \
+                    from None
+
+        bos = named_id("bos_token")
+        if bos is None:
+            bos = next(iter(config_ids("bos_token_id")), self._tok.token_to_id(BOS))
+        self._bos_id = bos
+        pad = named_id("pad_token")
+        self._pad_id = pad if pad is not None else next(iter(config_ids("pad_token_id")), None)
+        eos = named_id("eos_token")
+        eos_ids = ([] if eos is None else [eos]) + config_ids("eos_token_id")
+        self._eos_ids = tuple(dict.fromkeys(eos_ids))       # de-duplicated, first mention first
+
+    def _register_added_tokens(self, tok_cfg: Mapping[str, Any], where: Path) -> None:
+        """Add tokens that tokenizer_config.json declares but tokenizer.json lacks, and check the declared ids.
+
+        A declared id that disagrees with tokenizer.json means the two files come from different vocabularies; the
+        ids would silently be wrong, so that is an error.
+        """
+        for id_str, spec in tok_cfg.get("added_tokens_decoder", {}).items():
+            content, declared = spec["content"], int(id_str)
+            if self._tok.token_to_id(content) is None:
+                special = spec.get("special", True)
+                token = tokenizers.AddedToken(
+                    content, single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
+                    rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", not special), special=special)
+                (self._tok.add_special_tokens if special else self._tok.add_tokens)([token])
+            actual = self._tok.token_to_id(content)
+            if actual != declared:
+                raise ValueError(f"{where}: added token {content!r} is declared as id {declared} but tokenizer.json "
+                                 f"gives it id {actual}")
+        extra = [_token_content(t) for t in tok_cfg.get("additional_special_tokens", [])]
+        missing = [t for t in extra if t is not None and self._tok.token_to_id(t) is None]
+        if missing:
+            self._tok.add_special_tokens(missing)
+
+    # -- ids ------------------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the model's embedding table may be larger: it is padded)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        """``<|begin_of_text|>`` (or whatever the folder declares as bos_token), None if there is none."""
+        return self._bos_id
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every eos id the folder declares: tokenizer_config's eos_token, then generation_config / config ids."""
+        return self._eos_ids
+
+    @property
+    def pad_id(self) -> int | None:
+        """tokenizer_config's pad_token (``<|finetune_right_pad|>`` for Llama 4), else config pad_token_id."""
+        return self._pad_id
+
+    def token_id(self, token: str) -> int:
+        """The id of one token string, e.g. ``token_id("<|eot|>")``."""
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary of {self.path}")
+        return token_id
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids of ``<|eot|>``, ``<|eom|>`` and ``<|end_of_text|>``, those the vocabulary has, in that order.
+
+        These end a generated turn whatever the folder's eos settings say; combine with ``eos_ids`` if needed.
+        """
+        ids = (self._tok.token_to_id(t) for t in STOP_TOKENS)
+        return tuple(i for i in ids if i is not None)
+
+    # -- text <-> ids ---------------------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Text -> ids. Special-token strings in the text (``<|eot|>``...) become their single ids.
+
+        With ``add_bos`` the BOS id is prepended, unless the text already starts with ``<|begin_of_text|>``: a
+        rendered ``chat_prompt`` does, and a doubled BOS silently degrades the model. The tokenizer.json
+        post-processor is not used, so BOS is added exactly once whichever way the folder was exported.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self._bos_id is None:
+                raise ValueError(f"{self.path} declares no BOS token; call encode(..., add_bos=False)")
+            if not ids or ids[0] != self._bos_id:
+                ids = [self._bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
+        """ids [T] (list, numpy or jax array) -> text. Bytes that do not form valid UTF-8 come out as U+FFFD."""
+        ids = np.asarray(ids if hasattr(ids, "shape") else list(ids), dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError(f"decode expects one sequence of ids [T], got shape {ids.shape}")
+        return self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Streams text while tokens arrive: ``push(id)`` returns only the newly completed text.
+
+    Byte-level BPE tokens can end in the middle of a UTF-8 character (日 is three bytes and may span two
+    tokens). Decoding such a prefix gives a trailing U+FFFD; ``push`` then returns "" and holds those tokens back
+    until the character is complete. So the pieces never contain a half character, and their concatenation
+    (plus ``flush()`` at the end) equals ``tokenizer.decode(all ids)``.
+
+    Each push decodes only the tokens since the previous emitted boundary, with one earlier chunk kept as
+    context (decoders that treat a sequence's first token specially, e.g. dropping a leading space, then still
+    see it mid-text), so the cost per token stays constant.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._start = 0          # first id of the decode window (context)
+        self._done = 0           # ids before this index are fully emitted
+        self._prefix = ""        # decode(ids[start:done]): the part of the window already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one token id; return the text it completes ("" while a character is still partial)."""
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids[self._start:])
+        if text.endswith("\ufffd"):
+            return ""
+        return self._advance(text)
+
+    def flush(self) -> str:
+        """Text of the held-back tail (invalid bytes come out as U+FFFD); call once the stream has ended."""
+        if self._done == len(self._ids):
+            return ""
+        return self._advance(self._decode(self._ids[self._start:]))
+
+    def _advance(self, text: str) -> str:
+        """Emit ``text`` (the decoded window) past the already emitted prefix; the window moves up one chunk."""
+        new = text[len(self._prefix):]
+        self._start, self._done = self._done, len(self._ids)
+        # Decoded on its own, as the next window will see it (not sliced from text), so the next diff lines up.
+        self._prefix = self._decode(self._ids[self._start:self._done])
+        return new
+
+
+def _render_content(content: Any, index: int) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} / {"type": "image"} parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, Sequence) or isinstance(content, (bytes, bytearray)):
+        raise ValueError(f"message {index}: content must be a str or a list of parts, got {type(content).__name__}")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            out.append(part["text"])
+        elif kind == "image":
+            out.append(IMAGE)
+        else:
+            raise ValueError(f"message {index}: unknown content part {part!r}; expected type 'text' or 'image'")
+    return "".join(out)
+
+
+def chat_prompt(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """Render a conversation with the Llama 4 instruct template (as ``transformers``' Llama4Processor does):
+
+    ``<|begin_of_text|>`` then, per message, ``<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>``, and
+    with ``add_generation_prompt`` a final ``<|header_start|>assistant<|header_end|>\\n\\n`` for the model to
+    continue. Roles: system, user, assistant. Image parts render as ``<|image|>``; the vision processor expands
+    each into its tiles later. As in the reference template, a leading system message is stripped of surrounding
+    whitespace and nothing else is. Tool calls and tool results are not rendered (ValueError), since their
+    format differs between Meta's and the serving stacks' templates.
+    """
+    out = [BOS]
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+        role = message["role"]
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if message.get("tool_calls"):
+            raise ValueError(f"message {i}: tool_calls are not supported by chat_prompt")
+        text = _render_content(message["content"], i)
+        if i == 0 and role == "system":
+            text = text.strip()
+        out.append(f"{HEADER_START}{role}{HEADER_END}\n\n{text}{EOT}")
+    if add_generation_prompt:
+        out.append(f"{HEADER_START}assistant{HEADER_END}\n\n")
+    return "".join(out)

@@ -1,0 +1,115 @@
+"""``load`` an HF or l4jax checkpoint, or ``init`` random weights: the two ways to get a ``Model``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .. import tree
+from ..checkpoints import hf_import, l4jax_format
+from ..config import Llama4Config, TextConfig, load_config
+from ..model.decoder import Llama4Text, abstract_params, init_params
+from ..model.vision import VISION_PARAMS, ImageEncoder, abstract_vision_params, init_vision_params
+from ..parallel import param_shardings, partitioning, put
+from .model import Model
+
+
+def _resolve_vision(config: Llama4Config, vision: bool | None, where) -> Llama4Config:
+    """``vision`` None means: with the vision tower when the config has one. Without it, the config drops its
+    vision part, so the handle (and what it saves) is the text-only model."""
+    if vision and config.vision is None:
+        raise ValueError(f"{where}: vision=True, but the config has no vision_config (a text-only model)")
+    if vision is False and config.vision is not None:
+        return dataclasses.replace(config, vision=None)
+    return config
+
+
+def abstract_model(config: Llama4Config, dtype=jnp.float32) -> dict:
+    """ShapeDtypeStructs of every parameter (``vision_model`` and ``projector`` too when the config has a vision
+    part), unboxed; computes nothing."""
+    out = nn.meta.unbox(abstract_params(Llama4Text(config.text, dtype=dtype, param_dtype=dtype)))
+    if config.vision is not None:
+        encoder = ImageEncoder(config.vision, config.text.hidden_size, dtype=dtype, param_dtype=dtype)
+        out.update(nn.meta.unbox(abstract_vision_params(encoder)))
+    return out
+
+
+def _split(config: Llama4Config, params: dict) -> tuple[dict, dict | None]:
+    """All parameters -> (text decoder's, vision tower and projector's or None)."""
+    text = {k: v for k, v in params.items() if k not in VISION_PARAMS}
+    return text, ({k: params[k] for k in VISION_PARAMS} if config.vision is not None else None)
+
+
+def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: int = 0, mesh=None,
+         moe_impl: str = "scan", vision: bool | None = None) -> Model:
+    """Random weights (normal, std 0.02; norms at 1), created directly in their shardings when a mesh is given.
+
+    With a mesh the initialiser is one jit whose outputs are the parameter shardings: the partitioner splits the
+    (partitionable threefry) random generation, so each device computes only its own shards. The vision tower is
+    included when the config has one, unless ``vision=False``.
+    """
+    if not isinstance(config, Llama4Config):
+        config = Llama4Config(text=config) if isinstance(config, TextConfig) else load_config(config)
+    config = _resolve_vision(config, vision, "init")
+    module = Llama4Text(config.text, dtype=dtype, param_dtype=dtype)
+    encoder = None if config.vision is None else ImageEncoder(config.vision, config.text.hidden_size, dtype=dtype,
+                                                              param_dtype=dtype)
+
+    def make(key):
+        params = nn.meta.unbox(init_params(module, key))
+        if encoder is not None:
+            params.update(nn.meta.unbox(init_vision_params(encoder, jax.random.fold_in(key, 1))))
+        return params
+
+    out_shardings = None if mesh is None else param_shardings(config, partitioning(config.text, mesh), dtype)
+    params = jax.jit(make, out_shardings=out_shardings)(jax.random.key(seed))
+    text, vision_params = _split(config, params)
+    return Model(config, text, dtype=dtype, mesh=mesh, moe_impl=moe_impl, vision_params=vision_params)
+
+
+def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan", vision: bool | None = None) -> Model:
+    """Load an HF Llama 4 folder (config.json + safetensors, single or sharded) or an l4jax checkpoint written by
+    ``l4jax convert``.
+
+    A full ``llama4`` checkpoint (``language_model.*``, ``vision_model.*``, ``multi_modal_projector.*``) loads
+    with its vision tower, so the handle accepts ``pixel_values``; ``vision=False`` loads the text decoder only
+    (the vision tensors are then never read). ``dtype`` defaults to the checkpoint's dtype. With a ``mesh`` each
+    tensor is placed on its sharding as it is read, so no device holds the whole model; with several processes
+    (``l4jax.parallel.distributed``) every process reads the checkpoint and places only the shards of its own
+    devices.
+    """
+    path = Path(path)
+    if l4jax_format.is_checkpoint(path):
+        return _load_l4jax(path, dtype, mesh, moe_impl, vision)
+    config = _resolve_vision(load_config(path), vision, path)
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(hf_import.checkpoint_dtype(path))
+    expected = abstract_model(config, dtype)
+    shardings = None if mesh is None else param_shardings(config, partitioning(config.text, mesh), dtype)
+    params: dict = {}
+    for p, host in hf_import.stream(path, config, dtype):
+        want = tree.get(expected, p)
+        if host.shape != want.shape:  # a converter bug, not a user error
+            raise AssertionError(f"{'/'.join(p)}: converted shape {host.shape} != model shape {want.shape}")
+        # One tensor at a time; with a mesh each device receives only its shard (each process places its own).
+        tree.put(params, p, put(host, None if shardings is None else tree.get(shardings, p)))
+    text, vision_params = _split(config, params)
+    return Model(config, text, dtype=dtype, mesh=mesh, moe_impl=moe_impl, vision_params=vision_params)
+
+
+def _load_l4jax(path: Path, dtype, mesh, moe_impl: str, vision: bool | None) -> Model:
+    manifest = l4jax_format.read_manifest(path)
+    config = _resolve_vision(Llama4Config.from_hf(manifest["config"]), vision, path)
+    stored = jnp.dtype(manifest["dtype"])
+    dtype = jnp.dtype(dtype) if dtype is not None else stored
+    if config.vision is not None and not any(n.split("/")[0] in VISION_PARAMS for n in manifest["params"]):
+        raise ValueError(f"{path}: the config has a vision_config but the checkpoint holds no vision weights "
+                         f"(converted text-only?); load it with vision=False")
+    shardings = None if mesh is None else param_shardings(config, partitioning(config.text, mesh), dtype)
+    restored = l4jax_format.restore(path, abstract_model(config, stored), shardings, dtype,
+                                    ignore=VISION_PARAMS if config.vision is None else ())
+    text, vision_params = _split(config, restored)
+    return Model(config, text, dtype=dtype, mesh=mesh, moe_impl=moe_impl, vision_params=vision_params)

@@ -1,0 +1,73 @@
+"""The building blocks every module shares: the one parameter helper, RMSNorm (and the weightless QK-norm), SwiGLU.
+
+``param`` is the only way a module declares a weight: it attaches the logical axis names (for sharding), draws
+from the initialiser in ``param_dtype`` and returns the value cast to the compute dtype. The einsum that uses a
+weight is written beside its declaration, so a reader sees the shape, the axes and the contraction together.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .axes import ACT_MLP, BATCH, EMBED, LENGTH, MLP as MLP_AXIS, NORM, Partitioning
+
+INIT = nn.initializers.normal(0.02)
+
+
+def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
+          init: Callable = INIT, dtype=None) -> jax.Array:
+    """Declare ``module``'s parameter ``name`` [shape] on logical ``axes``, stored in ``module.param_dtype``,
+    returned cast to ``dtype`` (default ``module.dtype``, the compute dtype)."""
+    w = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), module.param_dtype)
+    return w.astype(module.dtype if dtype is None else dtype)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) over the last axis, computed in fp32 and cast back to x.dtype.
+
+    This is also the QK-norm: HF calls it ``Llama4TextL2Norm`` but it is a weightless RMS norm per head.
+    """
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm. The reference casts back to the input dtype *before* multiplying by the weight."""
+
+    eps: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param(self, "scale", (x.shape[-1],), (NORM,), nn.initializers.ones, dtype=x.dtype)
+        return rms_normalize(x, self.eps) * scale
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+           part: Partitioning = Partitioning()) -> jax.Array:
+    """down(silu(x @ gate) * (x @ up)). x [..., D]; gate, up [D, F]; down [F, D]."""
+    g = jnp.einsum("...d,df->...f", x, gate)
+    u = jnp.einsum("...d,df->...f", x, up)
+    h = part.constrain(jax.nn.silu(g) * u, (BATCH, LENGTH, ACT_MLP)[-x.ndim:])
+    return jnp.einsum("...f,fd->...d", h, down)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the MoE's shared expert."""
+
+    hidden: int  # F
+    part: Partitioning = Partitioning()
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        D, F = x.shape[-1], self.hidden
+        gate = param(self, "gate", (D, F), (EMBED, MLP_AXIS))  # "...d,df->...f"
+        up = param(self, "up", (D, F), (EMBED, MLP_AXIS))      # "...d,df->...f"
+        down = param(self, "down", (F, D), (MLP_AXIS, EMBED))  # "...f,fd->...d"
+        return swiglu(x, gate, up, down, self.part)

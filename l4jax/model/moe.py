@@ -1,0 +1,149 @@
+"""Mixture of experts: top-k sigmoid router that scales the expert *input*, SwiGLU experts, a shared expert.
+
+Dispatch is sparse and dropless: each token's k (token, expert) assignments are sorted by expert and run through
+a grouped matmul (``gmm``), so the work is proportional to tokens x k. No capacity, no token is ever dropped.
+
+With a mesh (``Partitioning.mesh``) the routed experts run in a ``shard_map``: each device holds E/expert experts
+(and F/tensor of each expert's hidden width) and computes only the assignments to its own experts; a ``psum`` over
+the expert and tensor axes adds the pieces. Tokens are already replicated over those axes (the batch lives on
+data/fsdp), so no token is moved and no expert weight is ever gathered across ``expert``. It uses only ``psum``
+and ``all_gather`` (the latter for FSDP's model dimension), which XLA:CPU has, and it is exact: every
+(token, slot) result comes from exactly one device, and the others add zeros.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from .axes import ACT_EMBED, BATCH, EMBED, EXPERT, EXPERT_MLP, LENGTH, Partitioning, ShardingError
+from .gmm import gmm
+from .layers import MLP, param
+
+
+def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """x [N, D], router [D, E] -> (scores [N, k] in x.dtype, experts [N, k] int32).
+
+    Top-k on the raw logits, then a sigmoid of the selected logits: no softmax and no renormalisation over the k.
+    """
+    logits = jnp.einsum("nd,de->ne", x, router)
+    top, experts = jax.lax.top_k(logits, k)
+    return jax.nn.sigmoid(top.astype(jnp.float32)).astype(x.dtype), experts.astype(jnp.int32)
+
+
+def router_losses(logits: jax.Array, experts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Optional training terms (the reference trains without them). logits [N, E], experts [N, k] -> scalars.
+
+    load balance = E * sum_e f_e * P_e (Switch Transformer): f_e the fraction of the N*k assignments routed to e
+    (no gradient), P_e the mean softmax probability of e; minimal (1) when both are uniform. The softmax stands in
+    for the sigmoid scores because it ties the experts together, so lowering an overloaded expert's logit helps.
+    z = mean_n logsumexp(logits_n)^2 (ST-MoE) keeps router logits small.
+    """
+    E = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
+    f = jnp.bincount(experts.reshape(-1), length=E) / experts.size
+    P = jax.nn.softmax(logits, axis=-1).mean(axis=0)
+    return E * jnp.sum(f * P), jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+
+def routed_experts(x: jax.Array, scores: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
+                   down: jax.Array, *, impl: str = "scan", first: jax.Array | int = 0) -> jax.Array:
+    """Sum over each token's k experts of expert_e(score * x), counting only experts first ... first + El - 1.
+
+    x [N, D]; scores, experts [N, k]; gate, up [El, D, F]; down [El, F, D] -> [N, D]. With ``first`` = 0 and all
+    E experts this is the whole layer; a device of an expert-parallel mesh passes its own slice (assignments to
+    other devices' experts contribute zeros).
+    """
+    N, k = experts.shape
+    El = gate.shape[0]
+    slot = experts.reshape(-1) - first                     # [N k] local expert id, or out of range
+    key = jnp.where((slot >= 0) & (slot < El), slot, El)   # other devices' assignments sort past the end
+    order = jnp.argsort(key, stable=True)                  # assignment slots grouped by expert
+    sizes = jnp.bincount(key, length=El + 1)[:El]          # gmm leaves rows past sum(sizes) at zero
+    # The router score multiplies the expert's input, not its output: expert(s*x) != s*expert(x) for SwiGLU.
+    xs = x[order // k] * scores.reshape(-1)[order][:, None]
+    g = gmm(xs, gate, sizes, impl=impl)                    # "md,edf->mf" per group
+    u = gmm(xs, up, sizes, impl=impl)                      # "md,edf->mf" per group
+    y = gmm(jax.nn.silu(g) * u, down, sizes, impl=impl)    # "mf,efd->md" per group
+    y = jnp.zeros_like(y).at[order].set(y)                 # back to (token, slot) order
+    return y.reshape(N, k, -1).sum(axis=1)
+
+
+def _mesh_axes(entry, mesh) -> tuple[str, ...]:
+    """A PartitionSpec entry as a tuple of mesh axes, leaving out size-1 axes (no-op collectives would only
+    clutter the program)."""
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def routed_experts_sharded(x: jax.Array, scores: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
+                           down: jax.Array, part: Partitioning, *, impl: str = "scan") -> jax.Array:
+    """``routed_experts`` on ``part``'s mesh, expert-parallel and tensor-parallel. Same numbers.
+
+    x [B, T, D], scores/experts [B, T, k]; gate, up [E, D, F]; down [E, F, D]. Shardings come from ``part``'s
+    rules: tokens on BATCH, weights on (EXPERT, EMBED, EXPERT_MLP). Per device: El = E/expert experts,
+    Fl = F/tensor hidden columns, b = B/(data*fsdp) rows.
+    """
+    mesh = part.mesh
+    w_in, w_out = part.spec((EXPERT, EMBED, EXPERT_MLP)), part.spec((EXPERT, EXPERT_MLP, EMBED))
+    ex, embed, mlp = (_mesh_axes(e, mesh) for e in tuple(w_in) + (None,) * (3 - len(w_in)))
+    n_ex = part.axis_size(ex)
+    if gate.shape[0] % n_ex:
+        raise ShardingError(f"expert: {gate.shape[0]} experts are not divisible by mesh axes {ex} "
+                                  f"(size {n_ex})")
+
+    def local(x, scores, experts, gate, up, down):
+        # FSDP: weights arrive with the model dimension split; gather it back (this layer's local experts only).
+        if embed:
+            gate = jax.lax.all_gather(gate, embed, axis=1, tiled=True)
+            up = jax.lax.all_gather(up, embed, axis=1, tiled=True)
+            down = jax.lax.all_gather(down, embed, axis=2, tiled=True)
+        b, T, D = x.shape
+        first = jax.lax.axis_index(ex) * gate.shape[0] if ex else 0
+        y = routed_experts(x.reshape(b * T, D), scores.reshape(b * T, -1), experts.reshape(b * T, -1), gate, up,
+                           down, impl=impl, first=first).reshape(b, T, D)  # partial over the Fl slice
+        return jax.lax.psum(y, ex + mlp) if ex + mlp else y
+
+    tspec = P(part.spec((BATCH, LENGTH, ACT_EMBED))[0], None, None)
+    # check_vma=False: gmm's scan carries start as (device-invariant) zeros while its updates vary per device,
+    # which the varying-axes checker rejects; the psum above is what makes the result replicated.
+    return jax.shard_map(local, mesh=mesh, in_specs=(tspec, tspec, tspec, w_in, w_in, w_out), out_specs=tspec,
+                         check_vma=False)(x, scores, experts, gate, up, down)
+
+
+class MoE(nn.Module):
+    num_experts: int  # E
+    top_k: int
+    hidden: int       # F, of each routed expert and of the shared expert
+    part: Partitioning = Partitioning()
+    impl: str = "scan"
+    aux_loss: bool = False  # sow router load-balancing and z-loss terms into the "aux" collection
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        B, T, D = x.shape
+        E, F, k = self.num_experts, self.hidden, self.top_k
+        router = param(self, "router", (D, E), (EMBED, None))                  # "nd,de->ne"
+        gate = param(self, "gate", (E, D, F), (EXPERT, EMBED, EXPERT_MLP))  # "md,edf->mf"
+        up = param(self, "up", (E, D, F), (EXPERT, EMBED, EXPERT_MLP))      # "md,edf->mf"
+        down = param(self, "down", (E, F, D), (EXPERT, EXPERT_MLP, EMBED))  # "mf,efd->md"
+        flat = x.reshape(B * T, D)
+        with jax.named_scope("router"):
+            scores, experts = route(flat, router, k)
+            if self.aux_loss:
+                lb, z = router_losses(jnp.einsum("nd,de->ne", flat, router), experts)
+                self.sow("aux", "load_balance", lb)
+                self.sow("aux", "z_loss", z)
+        with jax.named_scope("experts"):
+            if self.part.mesh is None:  # one device: plain sparse dispatch
+                routed = routed_experts(flat, scores, experts, gate, up, down, impl=self.impl).reshape(B, T, D)
+            else:
+                routed = routed_experts_sharded(x, scores.reshape(B, T, k), experts.reshape(B, T, k), gate, up, down,
+                                                self.part, impl=self.impl)
+        shared = MLP(F, self.part, self.dtype, self.param_dtype, name="shared")(x)
+        return shared + routed

@@ -1,0 +1,197 @@
+"""The training loop behind ``l4jax train``: data, the sharded step, checkpoints, metrics, the exported model.
+
+    out/checkpoints/<step>/   Orbax train state (params or LoRA adapters, optimizer, step) + run description
+    out/metrics.jsonl         one JSON object per logged step: loss, tokens/s, MFU, lr, grad norm
+    out/model/                the final weights as an l4jax checkpoint with the tokenizer (``l4jax generate``)
+    out/adapters/             LoRA runs only: the adapters alone
+
+Resuming is exact: the batch of step s is a pure function of (data, seed, s), and the state holds everything else,
+so a resumed run computes bit-identical losses on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from .. import tree
+from ..checkpoints.train_state import Checkpoints
+from ..config import Llama4Config
+from ..data import corpus, packing
+from ..data.tokenizer import Tokenizer
+from ..infer import Model, load
+from . import flops, lora_files
+from .settings import DistillSettings, TrainConfig
+from .step import Trainer
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (non-finite loss, unusable output folder); the message says at which step and why."""
+
+
+def _data(tc: TrainConfig, tokenizer_dir: Path) -> tuple[Tokenizer, packing.PackedDataset]:
+    tok = Tokenizer(tokenizer_dir)
+    paths = []
+    for p in tc.data:
+        if p == "corpus":
+            paths += corpus.corpus_files()
+        else:
+            paths.append(Path(p))
+    docs = packing.tokenize(packing.read_documents(paths), tok)
+    return tok, packing.PackedDataset(docs, tc.seq_len, tc.batch_size, seed=tc.seed)
+
+
+def _tokenizer_dir(tc: TrainConfig) -> Path:
+    if tc.init_from and (Path(tc.init_from) / "tokenizer.json").is_file():
+        return Path(tc.init_from)
+    return corpus.corpus_dir()
+
+
+def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, resume: bool = False,
+        teacher_dir: str | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train ``config`` with ``tc`` into ``out``; returns the last logged metrics.
+
+    ``stop_after`` ends the loop after that many steps of this call (tests use it to interrupt a run).
+    """
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise TrainingError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose "
+                            "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = _tokenizer_dir(tc)
+    tok, ds = _data(tc, tok_dir)
+    if tok.vocab_size > config.text.vocab_size:
+        raise TrainingError(f"tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model's vocab_size is "
+                            f"{config.text.vocab_size}")
+    teacher = None if teacher_dir is None else load(teacher_dir, mesh=mesh, vision=False)
+    if teacher is not None and tc.distill is None:
+        tc = tc.replace(distill=DistillSettings())
+    trainer = Trainer(config, tc, mesh, teacher)
+    meta = {"model": config.text.to_hf(), "train": _describe(tc), "layout": "scan" if tc.scan else "layers"}
+    ckpts = Checkpoints(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
+    try:
+        state, frozen = _start(trainer, ckpts, meta, resume)
+        if progress:
+            print(f"training {tree.count(trainer.state_shapes['params']):,} parameters on "
+                  f"{'1 device' if mesh is None else dict(mesh.shape)}, {len(ds)} packed rows of "
+                  f"{tc.seq_len + 1} tokens, from step {int(jax.device_get(state['step']))}", flush=True)
+        with _Log(out / "metrics.jsonl", trainer, progress, int(jax.device_get(state["step"]))) as log:
+            state, last, step = _loop(trainer, ds, ckpts, meta, state, frozen, log, stop_after)
+    finally:
+        ckpts.wait()
+        ckpts.close()
+    if step >= tc.steps:
+        export(trainer, state, frozen, out, tok_dir)
+    return last
+
+
+def _start(trainer: Trainer, ckpts: Checkpoints, meta: dict, resume: bool) -> tuple[dict, dict]:
+    """The initial (state, frozen): from ``init_from`` or random, then the latest checkpoint when resuming."""
+    tc = trainer.tc
+    start = ckpts.latest() if resume else None
+    base = None if tc.init_from is None else load(tc.init_from, dtype=tc.param_dtype, mesh=trainer.mesh,
+                                                   vision=False).params
+    state, frozen = trainer.init_state(base)
+    del base
+    if start is not None:
+        state = ckpts.restore(start, trainer.abstract_state(), meta)
+    return state, frozen
+
+
+def _loop(trainer: Trainer, ds, ckpts: Checkpoints, meta: dict, state: dict, frozen: dict, log: "_Log",
+          stop_after: int | None) -> tuple[dict, dict, int]:
+    """Steps until ``tc.steps`` (or ``stop_after`` more); returns (state, last checked metrics, step)."""
+    tc = trainer.tc
+    step = int(jax.device_get(state["step"]))
+    end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+    last, pending = {}, None
+    while step < end:
+        state, m = trainer.step(state, frozen, ds.batch(step))
+        step += 1
+        # Check the previous step while this one runs (keeps dispatch asynchronous), and always before saving.
+        if pending is not None:
+            last = _check(*pending)
+        pending = (step, m)
+        if step % tc.save_every == 0 or step == end:
+            last, pending = _check(*pending), None
+            ckpts.save(step, state, meta, force=step == end)
+        if step % tc.log_every == 0 or step == end:
+            if pending is not None:
+                last, pending = _check(*pending), None
+            log.write(step, last)
+    if pending is not None:
+        last = _check(*pending)
+    return state, last, step
+
+
+class _Log:
+    """metrics.jsonl and the progress bar: tokens/s and MFU over each logging interval."""
+
+    def __init__(self, path: Path, trainer: Trainer, progress: bool, start: int):
+        tc = trainer.tc
+        self.every = tc.log_every
+        self.flops_per_token = flops.train_flops_per_token(trainer.config.text, tc.seq_len)
+        self.peak = flops.measure_peak_flops(jax.numpy.dtype(tc.compute_dtype), trainer.mesh)
+        self.file = path.open("a")
+        self.bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True) if progress else None
+        self.t0 = time.perf_counter()
+
+    def write(self, step: int, m: dict) -> None:
+        """Complete ``m`` (checked metrics of ``step``) with throughput, append it, show it."""
+        now = time.perf_counter()
+        n_steps = self.every if step % self.every == 0 else step % self.every
+        tps = m["tokens"] * n_steps / (now - self.t0)
+        m.update(step=step, tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak, time=now)
+        self.t0 = now
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(f"loss {m['loss']:.3f}  {m['tokens_per_s']:,.0f} tok/s  MFU {100 * m['mfu']:.1f}%")
+            self.bar.refresh()
+
+    def __enter__(self) -> "_Log":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check(step: int, m: dict) -> dict:
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    m["params_finite"] = bool(m["params_finite"])
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["params_finite"]):
+        raise TrainingError(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']}, weights after the "
+                            f"update {'finite' if m['params_finite'] else 'NOT finite'}: training stopped; the last "
+                            "checkpoint saved before this step is kept (resume with --resume)")
+    return m
+
+
+def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir: Path) -> Path:
+    """Write the trained model (adapters merged) as an l4jax checkpoint ``out/model`` with the tokenizer."""
+    target = out / "model"
+    if target.exists():
+        shutil.rmtree(target)
+    params = jax.jit(trainer.full_params)(state, frozen)
+    Model(trainer.config, params, dtype=trainer.tc.param_dtype).save(target, side_files_from=tokenizer_dir)
+    if trainer.lora is not None:
+        adapters = out / "adapters"
+        if adapters.exists():
+            shutil.rmtree(adapters)
+        lora_files.save(adapters, state["params"], trainer.lora, base=trainer.tc.init_from)
+    return target
+
+
+def _describe(tc: TrainConfig) -> dict:
+    """The part of the training config a resumed run must share (the rest, e.g. steps or logging, may change)."""
+    d = tc.to_dict()
+    return {k: d[k] for k in ("seq_len", "batch_size", "seed", "data", "lora", "scan", "param_dtype")}

@@ -1,0 +1,132 @@
+"""Training settings: a frozen dataclass read from the ``train:`` section of a config YAML, validated once.
+
+The same YAML holds the model (HF ``config.json`` fields, read by ``config.load_config``) and, under ``train:``,
+everything here; command-line flags override single fields. LoRA settings are a ``train.lora.LoraConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ..config import ConfigError, dtype_name
+from ..model.attention import QUERY_BLOCK
+from ..model.decoder import REMAT_POLICIES
+from ..model.gmm import IMPLS
+from .lora import LoraConfig, LoraError
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    alpha: float | str = "confidence"  # a fixed weight in [0, 1] or "confidence" (see losses.codistillation)
+    tau: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data: tuple[str, ...] = ("corpus",)  # text files; "corpus" = the public-domain corpus shipped with l4jax
+    seq_len: int = 128
+    batch_size: int = 16                 # sequences per optimizer step (over all devices and microbatches)
+    grad_accum: int = 1                  # microbatches per step; batch_size must be a multiple
+    # optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio * lr, global-norm clipping
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    # numerics and memory
+    compute_dtype: str = "float32"       # "bfloat16": bf16 matmuls and activations ...
+    param_dtype: str = "float32"         # ... with fp32 master weights when this stays float32
+    scan: bool = True
+    remat: str = "none"                  # see model.decoder.REMAT_POLICIES
+    moe_impl: str = "scan"
+    query_block: int = QUERY_BLOCK       # attention scores at most this many queries at once
+    # optional router terms (the reference trains without them)
+    load_balance: float = 0.0
+    z_loss: float = 0.0
+    # run
+    seed: int = 0
+    init_from: str | None = None         # an HF or l4jax model folder; None = random init from the model config
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 10
+    lora: LoraConfig | None = None
+    distill: DistillSettings | None = None
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ConfigError(f"TrainConfig.{field}: {msg}")
+        for f in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every", "query_block"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                fail(f, f"must be a positive integer, got {v!r}")
+        if self.seq_len < 2:
+            fail("seq_len", f"must be at least 2, got {self.seq_len}")
+        if self.batch_size % self.grad_accum:
+            fail("batch_size", f"{self.batch_size} is not a multiple of grad_accum={self.grad_accum}")
+        if not self.lr > 0:
+            fail("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            fail("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
+        for f in ("compute_dtype", "param_dtype"):  # "bf16" is accepted and stored as "bfloat16"
+            object.__setattr__(self, f, dtype_name(getattr(self, f), f"TrainConfig.{f}", ("float32", "bfloat16")))
+        if self.moe_impl not in IMPLS:
+            fail("moe_impl", f"unknown {self.moe_impl!r}; expected one of {IMPLS}")
+        if self.remat not in REMAT_POLICIES:
+            fail("remat", f"unknown policy {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        for f in ("load_balance", "z_loss", "weight_decay", "clip_norm"):
+            if getattr(self, f) < 0:
+                fail(f, f"must be >= 0, got {getattr(self, f)}")
+        if not self.data:
+            fail("data", "no text files given")
+
+    @property
+    def microbatch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "TrainConfig":
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"train: unknown fields {unknown}; known fields are {sorted(known)}")
+        if "data" in d:
+            d["data"] = tuple([d["data"]] if isinstance(d["data"], str) else d["data"])
+        for name, sub in (("lora", LoraConfig), ("distill", DistillSettings)):
+            if d.get(name) is not None:
+                v = d[name]
+                v = {} if v is True else dict(v)
+                bad = sorted(set(v) - {f.name for f in dataclasses.fields(sub)})
+                if bad:
+                    raise ConfigError(f"train.{name}: unknown fields {bad}")
+                try:
+                    d[name] = sub(**v)
+                except LoraError as e:
+                    raise ConfigError(f"train.{name}: {e}") from e
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the config: {e}") from e
+        return cls.from_dict(doc.get("train"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

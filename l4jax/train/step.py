@@ -1,0 +1,216 @@
+"""The sharded train step: next-token loss (or codistillation), gradient accumulation, AdamW, under one jit.
+
+    state = {"step": [], "params": trainable tree, "opt": optax state}     (donated, sharded by the rules)
+    frozen = base weights when LoRA trains adapters only, else {}
+    batch  = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}: [A, b, T], A microbatches of b rows
+
+``Trainer`` builds the module (scanned layers, remat), the optimizer, the shardings of every tree from the logical
+axis rules, and the jitted step. ``train.loop`` runs it with data, checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..config import ConfigError, Llama4Config
+from ..model.axes import BATCH, LENGTH
+from ..model.decoder import Inputs, Llama4Text, abstract_params, init_params, stack_layers, unstack_layers
+from ..parallel import batch_multiple, param_shardings, partitioning, put
+from . import lora as lora_lib
+from .losses import codistillation, cross_entropy
+from .settings import TrainConfig
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    warmup = min(tc.warmup_steps, tc.steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
+                                              tc.lr * tc.min_lr_ratio)
+
+
+def decay_mask(params):
+    """True where weight decay applies: every weight except norm scales (Llama 4 has no biases)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), params)
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                       optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                                   mask=decay_mask))
+
+
+class Trainer:
+    """Everything the step needs, specialised to one model, one training config and one mesh (or none)."""
+
+    def __init__(self, config: Llama4Config, tc: TrainConfig, mesh=None, teacher=None):
+        cfg = config.text
+        self.config, self.tc, self.mesh, self.teacher = config, tc, mesh, teacher
+        _check_setup(config, tc, mesh, teacher)
+        self.aux = tc.load_balance > 0 or tc.z_loss > 0
+        self.part = partitioning(cfg, mesh)
+        self.module = Llama4Text(cfg, self.part, moe_impl=tc.moe_impl, dtype=jnp.dtype(tc.compute_dtype),
+                                 param_dtype=jnp.dtype(tc.param_dtype), scan=tc.scan, remat=tc.remat,
+                                 aux_loss=self.aux, query_block=tc.query_block)
+        self.tx = optimizer(tc)
+        self.lora = tc.lora
+        self._layout_state()
+        self.batch_sharding = None if mesh is None else self.part.sharding((None, BATCH, LENGTH))
+        teacher_sh = None
+        if teacher is not None and mesh is not None:
+            teacher_sh = param_shardings(teacher.config, teacher.part, teacher.dtype)
+        self._step = jax.jit(self._train_step, donate_argnums=(0,),
+                             in_shardings=None if mesh is None else (
+                                 self.state_shardings, self.frozen_shardings, teacher_sh,
+                                 {k: self.batch_sharding for k in BATCH_KEYS}),
+                             out_shardings=None if mesh is None else (self.state_shardings, None))
+
+    def _layout_state(self) -> None:
+        """Logical axes, shapes and shardings of the full parameters, of what is trained and of the optimizer."""
+        boxed = abstract_params(self.module)
+        self.param_axes = nn.get_partition_spec(boxed)
+        self.param_shapes = nn.meta.unbox(boxed)
+        if self.lora is None:
+            trainable_boxed = boxed
+        else:
+            shapes = jax.eval_shape(lambda: lora_lib.init(self.param_shapes, self.lora, jax.random.key(0)))
+            axes = lora_lib.logical_axes(shapes, self.param_axes)
+            trainable_boxed = jax.tree.map(lambda s, a: nn.LogicallyPartitioned(s, tuple(a)), shapes, axes,
+                                           is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        opt_boxed = jax.eval_shape(self.tx.init, trainable_boxed)
+        state_axes = {"step": jax.sharding.PartitionSpec(), "params": nn.get_partition_spec(trainable_boxed),
+                      "opt": nn.get_partition_spec(opt_boxed)}
+        self.state_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": nn.meta.unbox(trainable_boxed),
+                             "opt": nn.meta.unbox(opt_boxed)}
+        self.state_shardings = self._shardings(state_axes)
+        self.frozen_shardings = {} if self.lora is None else self._shardings(self.param_axes)
+
+    def _shardings(self, axes):
+        if self.mesh is None:
+            return jax.tree.map(lambda _: None, axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        return nn.logical_to_mesh_sharding(axes, self.mesh, self.part.rules)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def init_state(self, params=None, seed: int | None = None) -> tuple[dict, dict]:
+        """(state, frozen). ``params``: full weights in the per-layer layout (e.g. ``l4jax.load(...).params``);
+        None = random init from the seed, created directly on its shardings."""
+        key = jax.random.key(self.tc.seed if seed is None else seed)
+        base_sh = self._shardings(self.param_axes)
+        if params is None:
+            make = lambda k: nn.meta.unbox(init_params(self.module, k))  # noqa: E731
+            full = jax.jit(make, out_shardings=None if self.mesh is None else base_sh)(key)
+        else:
+            stack = (lambda p: stack_layers(p, self.config.text)) if self.tc.scan else (lambda p: p)
+            cast = lambda p: jax.tree.map(lambda a: a.astype(self.tc.param_dtype), stack(p))  # noqa: E731
+            full = jax.jit(cast, out_shardings=None if self.mesh is None else base_sh)(params)
+        if self.lora is None:
+            trainable, frozen = full, {}
+        else:
+            make_lora = lambda k: lora_lib.init(full, self.lora, k)  # noqa: E731
+            trainable = jax.jit(make_lora, out_shardings=self.state_shardings["params"] if self.mesh else None)(
+                jax.random.fold_in(key, 1))
+            frozen = full
+        opt = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt"] if self.mesh else None)(trainable)
+        step = jnp.zeros((), jnp.int32)
+        if self.mesh is not None:  # committed like the step's output, or the second step would compile again
+            step = jax.device_put(step, self.state_shardings["step"])
+        return {"step": step, "params": trainable, "opt": opt}, frozen
+
+    def abstract_state(self) -> dict:
+        """ShapeDtypeStructs with this mesh's shardings (one device without a mesh): a checkpoint restore target."""
+        if self.mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), self.state_shapes)
+        return jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd),
+                            self.state_shapes, self.state_shardings,
+                            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+    def full_params(self, state: dict, frozen: dict) -> dict:
+        """The model weights in the per-layer layout (adapters merged), for export and evaluation."""
+        params = state["params"] if self.lora is None else lora_lib.merge(frozen, state["params"], self.lora)
+        return unstack_layers(params, self.config.text) if self.tc.scan else params
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def put_batch(self, batch: dict) -> dict:
+        """Host batch [B, T] per key -> device arrays [A, b, T], b rows split over the batch axes."""
+        A = self.tc.grad_accum
+        out = {}
+        for k in BATCH_KEYS:
+            host = batch[k].reshape(A, -1, *batch[k].shape[1:])
+            out[k] = jnp.asarray(host) if self.mesh is None else put(host, self.batch_sharding)
+        return out
+
+    def step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer step on a host batch; ``state`` is donated. Returns (state, metrics as device scalars)."""
+        teacher = None if self.teacher is None else self.teacher.params
+        return self._step(state, frozen, teacher, self.put_batch(batch))
+
+    def loss(self, trainable, frozen, teacher, mb) -> tuple[jax.Array, dict]:
+        """Summed loss of one microbatch [b, T] and its metric sums."""
+        tc = self.tc
+        params = trainable if self.lora is None else lora_lib.merge(frozen, trainable, self.lora)
+        inputs = Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+        out = self.module.apply({"params": params}, inputs, mutable=["aux"] if self.aux else False)
+        (out, aux) = out if self.aux else (out, {})
+        logits = out.logits
+        ce, n = cross_entropy(logits, mb["targets"], mb["loss_mask"])
+        sums = {"ce": ce, "tokens": n}
+        if self.teacher is None:
+            total = ce
+        else:
+            t_logits = self.teacher.module.apply({"params": teacher}, inputs).logits
+            total, _, a = codistillation(logits, t_logits, mb["targets"], mb["loss_mask"], alpha=tc.distill.alpha,
+                                         tau=tc.distill.tau)
+            sums["alpha"] = a
+        if self.aux:
+            # Mean over MoE layers (scanned layers sow one value per block), weighted by tokens like the CE.
+            for name, coef in (("load_balance", tc.load_balance), ("z_loss", tc.z_loss)):
+                vals = [v for path, v in jax.tree_util.tree_leaves_with_path(aux) if path[-2].key == name]
+                term = jnp.mean(jnp.concatenate([jnp.ravel(v) for v in vals]))
+                sums[name] = term * n
+                total = total + coef * term * n
+        sums["loss"] = total
+        return total, sums
+
+    def _train_step(self, state, frozen, teacher, batch):
+        grad_fn = jax.grad(self.loss, has_aux=True)
+
+        def micro(acc, mb):
+            g, sums = grad_fn(state["params"], frozen, teacher, mb)
+            return jax.tree.map(jnp.add, acc, (g, sums)), None
+
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), state["params"])
+        sums0 = jax.eval_shape(lambda: self.loss(state["params"], frozen, teacher,
+                                                 jax.tree.map(lambda a: a[0], batch))[1])
+        acc0 = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0))
+        if self.tc.grad_accum == 1:  # no loop around a single microbatch
+            (grads, sums), _ = micro(acc0, jax.tree.map(lambda a: a[0], batch))
+        else:
+            (grads, sums), _ = jax.lax.scan(micro, acc0, batch)
+        n = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state["params"])
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {k: v / n for k, v in sums.items() if k != "tokens"}
+        # Checked on the host before a checkpoint is written: a finite loss can still give an overflowing update.
+        finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+        metrics.update(tokens=sums["tokens"], grad_norm=optax.tree.norm(grads), params_finite=finite,
+                       lr=lr_schedule(self.tc)(state["step"]))
+        return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+
+
+def _check_setup(config: Llama4Config, tc: TrainConfig, mesh, teacher) -> None:
+    """What the config alone cannot check: the batch against the mesh, the teacher against the student."""
+    n = batch_multiple(mesh)
+    if tc.microbatch % n:
+        raise ConfigError(f"TrainConfig.batch_size: {tc.batch_size} sequences in {tc.grad_accum} microbatch(es) of "
+                          f"{tc.microbatch} cannot be split over the mesh's batch axes (data x fsdp = {n}); use a "
+                          f"microbatch that is a multiple of {n}")
+    if teacher is not None and teacher.config.text.vocab_size != config.text.vocab_size:
+        raise ConfigError(f"teacher vocab_size {teacher.config.text.vocab_size} != student vocab_size "
+                          f"{config.text.vocab_size}: codistillation needs the same vocabulary")

@@ -1,0 +1,94 @@
+"""l4jax (Orbax) checkpoints: convert from HF, load back (plain and onto a mesh), never half-written."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import l4jax
+from l4jax.cli import main
+from l4jax.checkpoints import l4jax_format
+from tiny import batch, hf_model, save
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("orbax")
+    save(hf_model("maverick", seed=12), root / "hf")
+    (root / "hf" / "tokenizer.json").write_text("{}")  # side files travel with the checkpoint
+    assert main(["convert", "--from-hf", str(root / "hf"), "--to", str(root / "l4")]) == 0
+    return root
+
+
+def test_converted_checkpoint_gives_identical_logits(converted):
+    ids, mask, _ = batch()
+    ref = np.asarray(l4jax.load(converted / "hf")(ids, mask))
+    ours = l4jax.load(converted / "l4")
+    np.testing.assert_array_equal(np.asarray(ours(ids, mask)), ref)
+    assert (converted / "l4" / "tokenizer.json").read_text() == "{}"
+    assert l4jax_format.read_manifest(converted / "l4")["dtype"] == "float32"
+
+
+def test_restore_onto_mesh_and_cast(converted):
+    ids, mask, _ = batch()
+    ref = np.asarray(l4jax.load(converted / "hf")(ids, mask))
+    mesh = l4jax.make_mesh(data=2, expert=2, tensor=2)
+    sharded = l4jax.load(converted / "l4", mesh=mesh)
+    assert sharded.params["layers_1"]["moe"]["gate"].sharding.shard_shape((4, 64, 32)) == (2, 64, 16)
+    np.testing.assert_allclose(np.asarray(sharded(ids, mask)), ref, atol=1e-5 * np.abs(ref).max())
+    bf16 = l4jax.load(converted / "l4", dtype="bfloat16")
+    assert {str(x.dtype) for x in jax.tree.leaves(bf16.params)} == {"bfloat16"}
+
+
+def test_convert_with_dtype(converted, tmp_path):
+    assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "b"), "--dtype", "bf16"]) == 0
+    m = l4jax.load(tmp_path / "b")
+    assert m.dtype == np.dtype("bfloat16")
+    ids, mask, _ = batch()
+    ref = np.asarray(l4jax.load(converted / "hf", dtype="bfloat16")(ids, mask), np.float32)
+    np.testing.assert_array_equal(np.asarray(m(ids, mask), np.float32), ref)
+
+
+def test_existing_destination_is_refused(converted, capsys):
+    assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(converted / "l4")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_interrupted_conversion_leaves_nothing(converted, tmp_path):
+    def items():
+        yield ("embed",), np.zeros((3, 4), np.float32)
+        raise KeyboardInterrupt  # killed half-way
+    with pytest.raises(KeyboardInterrupt):
+        l4jax_format.save(items(), tmp_path / "out", config={}, dtype="float32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mismatched_checkpoint_names_the_problem(converted, tmp_path):
+    import shutil
+    shutil.copytree(converted / "l4", tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "l4jax.json").read_text())
+    manifest["config"]["num_local_experts"] = 8
+    (tmp_path / "c" / "l4jax.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"layers_1/moe/(router|gate|up|down).*not compatible"):
+        l4jax.load(tmp_path / "c")
+    manifest["version"] = 99
+    (tmp_path / "c" / "l4jax.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="version 99"):
+        l4jax.load(tmp_path / "c")
+
+
+def test_model_save_from_a_mesh_restores_onto_another(converted, tmp_path):
+    ids, mask, _ = batch()
+    ref = np.asarray(l4jax.load(converted / "hf")(ids, mask))
+    model = l4jax.load(converted / "hf", mesh=l4jax.make_mesh(expert=4, tensor=2))
+    model.save(tmp_path / "saved")
+    back = l4jax.load(tmp_path / "saved", mesh=l4jax.make_mesh(fsdp=8))
+    assert back.config == model.config
+    np.testing.assert_allclose(np.asarray(back(ids, mask)), ref, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("preset", ["scout", "maverick", "tiny"])
+def test_config_to_hf_round_trips(preset):
+    cfg = l4jax.load_config(preset)
+    assert l4jax.Llama4Config.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg

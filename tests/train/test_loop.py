@@ -1,0 +1,187 @@
+"""The training loop: loss falls on the shipped corpus, exact resume, restore onto another mesh, a save killed
+midway, non-finite losses, mismatched checkpoints, LoRA and codistillation runs, and the CLI's main job."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import l4jax
+from l4jax import data as data_lib
+from l4jax.checkpoints.train_state import CheckpointMismatch, Checkpoints
+from l4jax.config import load_config
+from l4jax.data.tokenizer import Tokenizer
+from l4jax.model.decoder import stack_layers, unstack_layers
+from l4jax.train import lora as lora_lib
+from l4jax.train import lora_files
+from l4jax.train.lora import LoraConfig
+from l4jax.train.loop import TrainingError, run
+from l4jax.train.settings import TrainConfig
+from l4jax.train.step import Trainer
+
+# Each run compiles a train step (~10-20 s on 2 cores), so most of these are marked slow (CI runs them).
+SMALL = dict(seq_len=32, batch_size=8, steps=6, warmup_steps=1, lr=1e-2, save_every=3, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """A small slice of the shipped corpus (a few fables), so each run tokenizes in well under a second."""
+    docs = data_lib.read_documents(data_lib.corpus_files())[:40]
+    f = tmp_path_factory.mktemp("text") / "fables.txt"
+    f.write_text("\n\f\n".join(docs))
+    return str(f)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_resume_gives_bit_identical_losses(text, tmp_path):
+    config, tc = load_config("tiny"), TrainConfig(data=(text,), **SMALL)
+    run(config, tc, tmp_path / "straight", progress=False)
+    run(config, tc, tmp_path / "resumed", progress=False, stop_after=3)
+    assert Checkpoints(tmp_path / "resumed" / "checkpoints", save_every=3, keep=3).latest() == 3
+    run(config, tc, tmp_path / "resumed", progress=False, resume=True)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 6
+    assert straight == resumed  # bit-exact on the CPU, not approximately
+    assert straight[-1] < straight[0]
+    # The exported model reproduces the trained weights: reload it and check it runs to the same vocabulary.
+    model = l4jax.load(tmp_path / "straight" / "model")
+    assert model(np.array([[1, 20, 30]])).shape == (1, 3, 512)
+
+
+@pytest.mark.slow
+def test_restore_onto_another_mesh(text, tmp_path):
+    config = load_config("tiny")
+    tc = TrainConfig(data=(text,), **dict(SMALL, steps=3))
+    run(config, tc, tmp_path, progress=False, mesh=l4jax.make_mesh(data=2, expert=2, tensor=2))
+    ckpts = Checkpoints(tmp_path / "checkpoints", save_every=3, keep=3)
+    expect = {"model": config.text.to_hf()}
+    states = {}
+    for name, mesh in (("fsdp8", l4jax.make_mesh(fsdp=8)), ("single", None)):
+        trainer = Trainer(config, tc, mesh)
+        state = ckpts.restore(3, trainer.abstract_state(), expect)
+        if mesh is not None:
+            gate = state["params"]["blocks"]["layers_1"]["moe"]["gate"]
+            assert gate.sharding.spec[2] == "fsdp"  # laid out for the new mesh: the model dimension over fsdp
+        batch = data_lib.PackedDataset(data_lib.tokenize(data_lib.read_documents([text]), _tok()), 32, 8).batch(3)
+        states[name] = float(trainer.step(state, {}, batch)[1]["loss"])
+    assert states["fsdp8"] == pytest.approx(states["single"], rel=1e-5)
+
+
+def _tok():
+    return Tokenizer(data_lib.corpus_dir())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text, tmp_path):
+    # An absurd learning rate: step 1 is finite (its loss is computed before the update), then the weights blow up.
+    tc = TrainConfig(data=(text,), **dict(SMALL, lr=1e30, warmup_steps=0, save_every=1))
+    with pytest.raises(TrainingError, match=r"step \d+: loss .*(nan|inf|NOT finite)"):
+        run(load_config("tiny"), tc, tmp_path, progress=False)
+    ckpts = Checkpoints(tmp_path / "checkpoints", save_every=1, keep=3)
+    good = ckpts.latest()
+    assert good is not None
+    state = ckpts.restore(good, Trainer(load_config("tiny"), tc).abstract_state(), {})
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.slow
+def test_resume_from_another_model_shape_names_the_field(text, tmp_path):
+    tc = TrainConfig(data=(text,), **dict(SMALL, steps=3))
+    run(load_config("tiny"), tc, tmp_path, progress=False)
+    other = load_config({**load_config("tiny").text.to_hf(), "hidden_size": 64})
+    with pytest.raises(CheckpointMismatch, match="hidden_size: checkpoint 128, now 64"):
+        run(other, tc.replace(steps=6), tmp_path, progress=False, resume=True)
+    with pytest.raises(TrainingError, match="--resume"):
+        run(load_config("tiny"), tc, tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_lora_run_trains_adapters_only_and_merge_reproduces_the_adapted_logits(text, tmp_path):
+    config = load_config("tiny")
+    base = l4jax.init(config, seed=0)
+    base.save(tmp_path / "base")
+    tc = TrainConfig(data=(text,), init_from=str(tmp_path / "base"), lora=LoraConfig(rank=4),
+                     **dict(SMALL, steps=3))
+    run(config, tc, tmp_path / "run", progress=False)
+    adapters, lcfg = lora_files.load(tmp_path / "run" / "adapters")
+    saved = {k for k, _ in lora_lib.adapters(adapters)}
+    assert saved and all(path[-1] in ("q", "k", "v", "o") for path in saved)
+    assert any(np.abs(np.asarray(v["b"])).max() > 0 for _, v in lora_lib.adapters(adapters))  # trained
+    # The adapted model computed from the base and the adapters equals the merged export.
+    ids = np.array([[1, 40, 41, 42, 43]])
+    adapted = unstack_layers(lora_lib.merge(stack_layers(base.params, config.text), adapters, lcfg), config.text)
+    expected = l4jax.Model(config, adapted)(ids)
+    merged = l4jax.load(tmp_path / "run" / "model")
+    np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(expected), atol=1e-5)
+    assert np.abs(np.asarray(expected) - np.asarray(base(ids))).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_codistillation_run_with_a_teacher(text, tmp_path):
+    config = load_config("tiny")
+    l4jax.init(config, seed=7).save(tmp_path / "teacher")
+    tc = TrainConfig(data=(text,), **dict(SMALL, steps=2))
+    last = run(config, tc, tmp_path / "run", progress=False, teacher_dir=str(tmp_path / "teacher"))
+    assert 0.0 < last["alpha"] < 1.0  # the teacher's confidence weights soft against hard targets
+    assert np.isfinite(last["loss"]) and last["loss"] != last["ce"]
+
+
+@pytest.mark.slow
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(text, tmp_path):
+    """A child process trains, saves step 2, then is SIGKILLed while writing step 4."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        import l4jax.checkpoints.train_state as ck
+        from l4jax.config import load_config
+        from l4jax.train.settings import TrainConfig
+        from l4jax.train.loop import run
+        real = ck.Checkpoints.save
+        def save(self, step, state, meta, force=False):
+            out = real(self, step, state, meta, force=force)
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)  # the async write of step 4 is still under way
+            self.wait()
+            return out
+        ck.Checkpoints.save = save
+        run(load_config("tiny"), TrainConfig(data=({text!r},), seq_len=32, batch_size=8, steps=6, save_every=2,
+            warmup_steps=1), {str(tmp_path)!r}, progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "XLA_FLAGS": ""})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    config, tc = load_config("tiny"), TrainConfig(data=(text,), seq_len=32, batch_size=8, steps=6, save_every=2)
+    ckpts = Checkpoints(tmp_path / "checkpoints", save_every=2, keep=3)
+    assert ckpts.latest() == 2
+    state = ckpts.restore(2, Trainer(config, tc).abstract_state(), {})
+    assert int(state["step"]) == 2
+    run(config, tc, tmp_path, progress=False, resume=True)  # and training continues from it
+    assert ckpts.latest() == 6 or Checkpoints(tmp_path / "checkpoints", save_every=2, keep=3).latest() == 6
+
+
+@pytest.mark.slow
+def test_main_job_cli_trains_then_generates(tmp_path):
+    """The README's two commands, shortened: the loss falls on the shipped corpus, then generate prints text."""
+    env = {**os.environ, "XLA_FLAGS": ""}  # the CLI sets up its own 8 simulated devices
+    out = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-m", "l4jax.cli", "train", "--config", "configs/tiny.yaml",
+                            "--steps", "60", "--out", str(out)],
+                           capture_output=True, text=True, timeout=900, env=env,
+                           cwd=Path(__file__).resolve().parents[2])
+    assert train.returncode == 0, train.stderr[-3000:]
+    seen = losses(out)
+    assert seen[-1] < seen[0] - 0.5, seen
+    gen = subprocess.run([sys.executable, "-m", "l4jax.cli", "generate", "--model", str(out / "model"),
+                          "--prompt", "The fox", "--max-new-tokens", "20"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert len(gen.stdout.strip()) > 0
