@@ -23,6 +23,7 @@ from .infer.generate import stream
 from .infer.load import abstract_model
 from .parallel import make_mesh, parse_mesh, simulate_cpu_devices
 from .train.loop import TrainingError, run
+from .train.run_folder import RunFolderError
 from .train.lora import LoraConfig
 from .train.settings import TrainConfig
 
@@ -106,7 +107,7 @@ def _train(args) -> int:
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
         last = run(config, tc, out, mesh=mesh, resume=args.resume, teacher_dir=args.teacher)
-    except TrainingError as e:
+    except (TrainingError, RunFolderError) as e:
         print(f"l4jax train: {e}", file=sys.stderr)
         return 1
     if last:

@@ -1,5 +1,9 @@
 """The l4jax command line, end to end on a tiny checkpoint with its own tokenizer."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +62,16 @@ def test_generate_from_converted_checkpoint(folder, capsys, tmp_path):
     capsys.readouterr()
     assert main(["generate", "--model", str(tmp_path / "l4"), "--prompt", "hello world", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == hf_text(model, Tokenizer(path), "hello world", 8) + "\n"
+
+
+@pytest.mark.slow
+def test_generate_with_a_mesh_on_a_cpu_only_machine(folder):
+    """No XLA_FLAGS set by hand: ``--mesh`` splits the host into as many simulated devices as the mesh needs, as
+    ``l4jax train`` does, and the text is the single-device text."""
+    path, model = folder
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "l4jax.cli", "generate", "--model", str(path), "--prompt", "hello world",
+           "--max-new-tokens", "8", "--mesh", "data=2,tensor=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == hf_text(model, Tokenizer(path), "hello world", 8) + "\n"

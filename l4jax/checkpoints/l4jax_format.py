@@ -55,15 +55,16 @@ def read_json_manifest(f: Path, fmt: str, version: int, what: str, error: type[E
 
 def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: str | Path, *, config: dict,
          dtype: str, side_files_from: str | Path | None = None,
-         progress: Callable[[int], None] | None = None) -> Path:
-    """Write (path, array) pairs as an l4jax checkpoint at ``out`` (which must not exist yet).
+         progress: Callable[[int], None] | None = None, overwrite: bool = False) -> Path:
+    """Write (path, array) pairs as an l4jax checkpoint at ``out`` (which must not exist yet, unless
+    ``overwrite``: then it is replaced once the new checkpoint is complete).
 
     Arrays may be host numpy arrays (conversion) or global jax arrays spread over several processes
     (``Model.save``): then every process calls this with the same items, writes its own shards, and process 0
     writes the manifest and moves the finished folder into place. ``progress`` gets each tensor's byte count.
     """
     out = Path(out).absolute()
-    with atomic_dir(out, what="checkpoint") as tmp:
+    with atomic_dir(out, overwrite=overwrite, what="checkpoint") as tmp:
         names = []
         with _writer() as ckptr:
             for path, array in items:

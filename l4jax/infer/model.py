@@ -128,16 +128,17 @@ class Model:
                                    stop_tokens=stop_tokens, max_length=max_length, callback=callback,
                                    pixel_values=pixel_values)
 
-    def save(self, path: str | Path, *, side_files_from: str | Path | None = None) -> Path:
+    def save(self, path: str | Path, *, side_files_from: str | Path | None = None, overwrite: bool = False) -> Path:
         """Write the parameters (vision tower included, when loaded) as an l4jax (Orbax) checkpoint, one tensor at
         a time; ``l4jax.load`` reads it back onto any mesh. With several processes every process calls it and
         writes only its own shards. ``side_files_from``: a folder whose tokenizer and generation files are copied
-        beside the weights."""
+        beside the weights. The checkpoint appears at ``path`` whole or not at all; ``overwrite`` replaces an
+        existing one (only once the new one is complete)."""
         items = tree.leaves({**self.params, **(self.vision_params or {})})
         # A model without its vision weights is saved as the text-only model it is.
         config = self.config if self.vision_params is not None else dataclasses.replace(self.config, vision=None)
         return l4jax_format.save(items, path, config=config.to_hf(), dtype=self.dtype.name,
-                                 side_files_from=side_files_from)
+                                 side_files_from=side_files_from, overwrite=overwrite)
 
     def num_params(self) -> int:
         return tree.count((self.params, self.vision_params or {}))

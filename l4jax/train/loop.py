@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -26,13 +25,13 @@ from ..config import Llama4Config
 from ..data import corpus, packing
 from ..data.tokenizer import Tokenizer
 from ..infer import Model, load
-from . import flops, lora_files
+from . import flops, lora_files, run_folder
 from .settings import DistillSettings, TrainConfig
 from .step import Trainer
 
 
 class TrainingError(RuntimeError):
-    """Training stopped (non-finite loss, unusable output folder); the message says at which step and why."""
+    """Training stopped (non-finite loss, a tokenizer too large); the message says at which step and why."""
 
 
 def _data(tc: TrainConfig, tokenizer_dir: Path) -> tuple[Tokenizer, packing.PackedDataset]:
@@ -59,12 +58,9 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
 
     ``stop_after`` ends the loop after that many steps of this call (tests use it to interrupt a run).
     """
-    out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise TrainingError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose "
-                            "another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": config.text.to_hf(), "train": _describe(tc), "layout": "scan" if tc.scan else "layers"}
+    out = run_folder.claim(out, resume=resume, inputs={"--init-from": tc.init_from, "--teacher": teacher_dir},
+                           description=meta)
     tok_dir = _tokenizer_dir(tc)
     tok, ds = _data(tc, tok_dir)
     if tok.vocab_size > config.text.vocab_size:
@@ -74,8 +70,7 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
     if teacher is not None and tc.distill is None:
         tc = tc.replace(distill=DistillSettings())
     trainer = Trainer(config, tc, mesh, teacher)
-    meta = {"model": config.text.to_hf(), "train": _describe(tc), "layout": "scan" if tc.scan else "layers"}
-    ckpts = Checkpoints(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
+    ckpts = Checkpoints(out / "checkpoints", save_every=tc.save_every, keep=tc.keep)
     try:
         state, frozen = _start(trainer, ckpts, meta, resume)
         if progress:
@@ -177,17 +172,15 @@ def _check(step: int, m: dict) -> dict:
 
 
 def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir: Path) -> Path:
-    """Write the trained model (adapters merged) as an l4jax checkpoint ``out/model`` with the tokenizer."""
+    """Write the trained model (adapters merged) as an l4jax checkpoint ``out/model`` with the tokenizer, and the
+    adapters alone to ``out/adapters``. Each is written beside its destination and renamed into place, replacing
+    what an earlier export of this run left there (``run_folder`` has checked that nothing else is)."""
     target = out / "model"
-    if target.exists():
-        shutil.rmtree(target)
     params = jax.jit(trainer.full_params)(state, frozen)
-    Model(trainer.config, params, dtype=trainer.tc.param_dtype).save(target, side_files_from=tokenizer_dir)
+    Model(trainer.config, params, dtype=trainer.tc.param_dtype).save(target, side_files_from=tokenizer_dir,
+                                                                      overwrite=True)
     if trainer.lora is not None:
-        adapters = out / "adapters"
-        if adapters.exists():
-            shutil.rmtree(adapters)
-        lora_files.save(adapters, state["params"], trainer.lora, base=trainer.tc.init_from)
+        lora_files.save(out / "adapters", state["params"], trainer.lora, base=trainer.tc.init_from, overwrite=True)
     return target
 
 

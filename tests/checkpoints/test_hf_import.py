@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import l4jax
 from l4jax import CheckpointError
+from l4jax.checkpoints import hf_import
 from tiny import CONFIGS, batch, hf_logits, hf_model, rel_err, save
 
 KEY = "model.layers.1.feed_forward.experts.gate_up_proj"
@@ -137,3 +138,13 @@ def test_bad_inputs(ckpt):
         m(np.array([1, 2]))
     with pytest.raises(ValueError, match="attention_mask: shape"):
         m(np.array([[1, 2]]), np.array([[1, 1, 1]]))
+
+
+def test_planned_size_is_what_streams(ckpt):
+    """The convert progress total is the bytes the stream yields (gate_up_proj is one tensor read as two halves:
+    counting its whole shape twice stopped the bar at 65-76%)."""
+    folder, _ = ckpt
+    config = l4jax.load_config(folder)
+    index = hf_import.SafetensorsIndex(folder)
+    planned = sum(s.size for s in hf_import.plan(index, config))
+    assert planned == sum(a.size for _, a in hf_import.stream(folder, config)) == l4jax.load(folder).num_params()

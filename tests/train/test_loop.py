@@ -22,6 +22,7 @@ from l4jax.train import lora as lora_lib
 from l4jax.train import lora_files
 from l4jax.train.lora import LoraConfig
 from l4jax.train.loop import TrainingError, run
+from l4jax.train.run_folder import RunFolderError
 from l4jax.train.settings import TrainConfig
 from l4jax.train.step import Trainer
 
@@ -100,7 +101,7 @@ def test_resume_from_another_model_shape_names_the_field(text, tmp_path):
     other = load_config({**load_config("tiny").text.to_hf(), "hidden_size": 64})
     with pytest.raises(CheckpointMismatch, match="hidden_size: checkpoint 128, now 64"):
         run(other, tc.replace(steps=6), tmp_path, progress=False, resume=True)
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(RunFolderError, match="holds an earlier run .pass --resume"):
         run(load_config("tiny"), tc, tmp_path, progress=False)
 
 
