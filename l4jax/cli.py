@@ -1,13 +1,16 @@
 """The ``l4jax`` command line: ``info`` describes a config, ``generate`` streams text from a model, ``convert``
-turns an HF checkpoint into an l4jax (Orbax) one."""
+turns an HF checkpoint into an l4jax (Orbax) one, ``train`` runs the training loop, ``plan`` compiles a step for an
+H100 host or a TPU slice without the hardware."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import yaml
 from tqdm import tqdm
@@ -21,7 +24,10 @@ from .data.tokenizer import IMAGE, IncrementalDecoder, Tokenizer, chat_prompt
 from .infer import load
 from .infer.generate import stream
 from .infer.load import abstract_model
+from .model.gmm import IMPLS
 from .parallel import make_mesh, parse_mesh, simulate_cpu_devices
+from .plan.planner import TASKS, Request, plan, to_json, to_text
+from .plan.targets import COMPILE_ONLY_ENV, PlanError, parse_target
 from .train.loop import TrainingError, run
 from .train.run_folder import RunFolderError
 from .train.lora import LoraConfig
@@ -117,6 +123,26 @@ def _train(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    target = parse_target(args.target)
+    req = Request(args.task, batch=args.batch, seq=args.seq, cache=args.cache,
+                  mesh=parse_mesh(args.mesh) if args.mesh else {}, dtype=args.dtype, remat=args.remat,
+                  moe_impl=args.moe_impl)
+    result, planned = plan(load_config(args.model), target, req)
+    print(to_json(result, target, args.model, planned) if args.json else to_text(result, target, args.model, planned))
+    if args.dump_hlo:
+        Path(args.dump_hlo).write_text(result.hlo)
+    return 0
+
+
+def _compile_only() -> None:
+    """``l4jax plan`` compiles for chips this machine does not have: the host's CPU backend only (the CUDA plugin
+    would look for a GPU, and check the CUDA libraries against one), set up before any backend starts."""
+    for name, value in COMPILE_ONLY_ENV.items():
+        os.environ.setdefault(name, value)
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _devices_wanted(argv: list[str]) -> int:
     """How many devices the command's mesh needs (``--mesh``, else a config's ``train.mesh``), 1 without one."""
     mesh = None
@@ -137,12 +163,24 @@ def _devices_wanted(argv: list[str]) -> int:
     return n
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l4jax", description="Llama 4 in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a config: preset name, config file or HF model folder")
     info.add_argument("model", help="preset (scout, maverick, behemoth, tiny, bench), .yaml/.json file or folder")
     info.set_defaults(run=_info)
+    _add_generate(sub)
+    conv = sub.add_parser("convert", help="HF safetensors folder -> l4jax (Orbax) checkpoint, one tensor at a time")
+    conv.add_argument("--from-hf", required=True, help="HF model folder")
+    conv.add_argument("--to", required=True, help="output folder (must not exist)")
+    conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
+    conv.set_defaults(run=_convert)
+    _add_train(sub)
+    _add_plan(sub)
+    return parser
+
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="stream a completion from an HF model folder (with tokenizer.json)")
     gen.add_argument("--model", required=True, help="HF model folder: config.json, safetensors, tokenizer.json")
     gen.add_argument("--prompt", required=True)
@@ -158,11 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--mesh", default=None, help="e.g. data=1,expert=2,tensor=4 (product = device count)")
     gen.add_argument("--dtype", default=None, help="bf16 or fp32 (default: the checkpoint's)")
     gen.set_defaults(run=_generate)
-    conv = sub.add_parser("convert", help="HF safetensors folder -> l4jax (Orbax) checkpoint, one tensor at a time")
-    conv.add_argument("--from-hf", required=True, help="HF model folder")
-    conv.add_argument("--to", required=True, help="output folder (must not exist)")
-    conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
-    conv.set_defaults(run=_convert)
+
+
+def _add_train(sub) -> None:
     tr = sub.add_parser("train", help="train or fine-tune from a config YAML (model fields + a train: section)")
     tr.add_argument("--config", required=True, help="e.g. configs/tiny.yaml")
     tr.add_argument("--mesh", default=None, help="e.g. data=2,expert=2,tensor=2 (default: the config's train.mesh)")
@@ -174,13 +210,38 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--init-from", default=None, help="start from these weights (HF or l4jax folder)")
     tr.add_argument("--seed", type=int, default=None)
     tr.set_defaults(run=_train)
-    args = parser.parse_args(argv)
-    if args.command in ("train", "generate"):
+
+
+def _add_plan(sub) -> None:
+    pl = sub.add_parser("plan", help="compile a step for an H100 host or a TPU slice without the hardware: memory, "
+                                     "kernels, collectives, roofline bound")
+    pl.add_argument("--model", required=True, help="preset, config file or HF model folder")
+    pl.add_argument("--target", required=True, help="h100, h100x8, h100x8x2 (8 per host, 2 hosts), v5e:4x4, "
+                                                    "v5p:4x4x4, v6e:2x2, or cpu")
+    pl.add_argument("--task", required=True, choices=TASKS)
+    pl.add_argument("--batch", type=int, default=1, help="sequences (train: per optimizer step)")
+    pl.add_argument("--seq", type=int, default=2048, help="tokens per sequence (train, prefill)")
+    pl.add_argument("--cache", type=int, default=None, help="KV cache slots (prefill, decode; default --seq)")
+    pl.add_argument("--mesh", default=None, help="e.g. fsdp=16,expert=4 (product = the target's devices)")
+    pl.add_argument("--dtype", default="bfloat16", help="bf16 or fp32: training's compute dtype (fp32 masters), "
+                                                        "inference's weights")
+    pl.add_argument("--remat", default="none", help="training: none, full, dots, dots_no_batch")
+    pl.add_argument("--moe-impl", default="scan", choices=IMPLS)
+    pl.add_argument("--json", action="store_true", help="one JSON object (fields: l4jax/plan/planner.py)")
+    pl.add_argument("--dump-hlo", default=None, metavar="FILE", help="write the optimized program's text here")
+    pl.set_defaults(run=_plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "plan":
+        _compile_only()
+    if args.command in ("train", "generate", "plan"):
         # On a CPU-only machine, split the host into as many XLA devices as the mesh needs (before jax starts).
         simulate_cpu_devices(_devices_wanted(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, PlanError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"l4jax: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 NAMES = [p.stem for p in NOTEBOOKS]
 NEEDS_TORCH = {"03_parity_with_transformers"}
+NEEDS_GPU_COMPILER = {"05_plan"}  # runs with -m plan, in a venv with the aot-gpu extra (CI's .venv-ci-aot)
 
 # Lines each executed notebook must print (each follows an assert on the same fact inside the notebook).
 EXPECTED = {
@@ -23,6 +24,7 @@ EXPECTED = {
     "02_train_and_finetune": ["base unchanged by training: True", "max |merged model - adapted| logits:"],
     "03_parity_with_transformers": ["identical to transformers' generate: True"],
     "04_vision": ["positions whose logits change with the image:"],
+    "05_plan": ["fits on 8 x H100: True", "fits on 1 x H100: False"],
 }
 
 
@@ -48,8 +50,8 @@ def test_committed_clean(path):
     assert imports and flag < min(imports)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.plan if p.stem in NEEDS_GPU_COMPILER
+                                                   else pytest.mark.slow) for p in NOTEBOOKS], ids=NAMES)
 def test_notebook_runs(path, monkeypatch):
     """Execute in a fresh python3 kernel (this interpreter), cwd = notebooks/, importing l4jax from this checkout."""
     nbclient = pytest.importorskip("nbclient")
@@ -57,6 +59,8 @@ def test_notebook_runs(path, monkeypatch):
     if path.stem in NEEDS_TORCH:
         pytest.importorskip("torch")
         pytest.importorskip("transformers")
+    if path.stem in NEEDS_GPU_COMPILER:
+        pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",

@@ -9,6 +9,7 @@ over the keys each query may actually see (chunked layers see at most a chunk). 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,21 +18,36 @@ import numpy as np
 from ..config import TextConfig
 
 
-def forward_flops_per_token(cfg: TextConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of a [*, seq_len] causal sequence (embedding lookup free, LM head counted)."""
+def _flops_per_token(cfg: TextConfig, keys: Callable[[int], float]) -> float:
+    """Forward FLOPs of one token whose query sees ``keys(i)`` keys in layer i (embedding lookup free, LM head
+    counted)."""
     D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     total = 2.0 * D * cfg.vocab_size  # LM head
     for i in range(cfg.num_hidden_layers):
         total += 2.0 * D * hd * (2 * H + 2 * K)  # q, o and k, v projections
-        span = min(cfg.attention_chunk_size, seq_len) if cfg.chunked_layers[i] else seq_len
-        # Average keys seen per query under a causal mask, within blocks of `span`.
-        total += 2.0 * 2 * H * hd * (span + 1) / 2  # scores and probs @ v
+        total += 2.0 * 2 * H * hd * keys(i)  # scores and probs @ v
         if cfg.is_moe(i):
             total += 2.0 * D * cfg.num_local_experts  # router
             total += 2.0 * 3 * D * cfg.intermediate_size * (cfg.num_experts_per_tok + 1)  # top-k + shared expert
         else:
             total += 2.0 * 3 * D * cfg.intermediate_size_mlp
     return total
+
+
+def forward_flops_per_token(cfg: TextConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of a [*, seq_len] causal sequence: on average a query sees (span + 1) / 2 keys
+    within blocks of ``span`` (the chunk on chunked layers, the sequence elsewhere)."""
+    def keys(i):
+        span = min(cfg.attention_chunk_size, seq_len) if cfg.chunked_layers[i] else seq_len
+        return (span + 1) / 2
+    return _flops_per_token(cfg, keys)
+
+
+def decode_flops_per_token(cfg: TextConfig, context: int) -> float:
+    """Forward FLOPs of one new token after ``context`` cached ones: it sees every cached key of a global layer
+    and at most a chunk on chunked layers (an upper bound there: within its chunk it sees fewer)."""
+    return _flops_per_token(cfg, lambda i: min(cfg.attention_chunk_size, context + 1) if cfg.chunked_layers[i]
+                            else context + 1)
 
 
 def train_flops_per_token(cfg: TextConfig, seq_len: int) -> float:

@@ -1,0 +1,98 @@
+"""The real steps, built from abstract shapes: the train step (``Trainer``), the prefill and the decode step of
+``generate``. Nothing is allocated: every argument is a ShapeDtypeStruct carrying its sharding on the target's
+mesh, so a 400B-parameter model is planned on a laptop."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..config import Llama4Config
+from ..infer.generate import _prefill, _step
+from ..infer.load import abstract_model
+from ..model.axes import ACT_VOCAB, BATCH, LENGTH, ShardingError
+from ..model.cache import KVCache
+from ..model.decoder import Inputs, Llama4Text
+from ..parallel import batch_multiple, param_shardings, partitioning
+from ..train.settings import TrainConfig
+from ..train.step import BATCH_KEYS, Trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A jitted step and the abstract arguments to trace it with: ``fn.trace(*args, **kwargs)``."""
+
+    fn: Callable
+    args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def _check_batch(batch: int, mesh) -> None:
+    n = batch_multiple(mesh)
+    if batch % n:
+        raise ShardingError(f"--batch {batch} cannot be split over the mesh's batch axes (data x fsdp = {n}); use a "
+                            f"multiple of {n}")
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def train_program(config: Llama4Config, tc: TrainConfig, mesh) -> Program:
+    """``Trainer``'s jitted step on [grad_accum, microbatch, seq_len] batches."""
+    _check_batch(tc.microbatch, mesh)
+    trainer = Trainer(config, tc, mesh)
+    frozen = {} if trainer.lora is None else _abstract(trainer.param_shapes, trainer.frozen_shardings)
+    shape = (tc.grad_accum, tc.microbatch, tc.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+    return Program(trainer._step, (trainer.abstract_state(), frozen, None, batch))
+
+
+def _inference(config: Llama4Config, mesh, dtype, moe_impl: str):
+    """(module, abstract params, the partitioning) of the text decoder for inference in ``dtype``."""
+    text = dataclasses.replace(config, vision=None)
+    part = partitioning(config.text, mesh)
+    params = _abstract(abstract_model(text, dtype), param_shardings(text, part, dtype))
+    module = Llama4Text(config.text, part, moe_impl=moe_impl, dtype=dtype, param_dtype=dtype)
+    return module, params, part
+
+
+def prefill_program(config: Llama4Config, mesh, *, batch: int, seq: int, cache: int, dtype=jnp.bfloat16,
+                    moe_impl: str = "scan") -> Program:
+    """``generate``'s prefill: a [batch, seq] prompt into an empty cache of ``cache`` slots."""
+    _check_batch(batch, mesh)
+    if cache < seq:
+        raise ShardingError(f"--cache {cache} is shorter than the prompt --seq {seq}")
+    module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl)
+    tokens = part.sharding((BATCH, LENGTH))
+    inputs = Inputs(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tokens),
+                    jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens))
+    return Program(_prefill, (module, params, inputs, KVCache.abstract(config.text, batch, cache, dtype, part)))
+
+
+def decode_program(config: Llama4Config, mesh, *, batch: int, cache: int, dtype=jnp.bfloat16,
+                   moe_impl: str = "scan") -> Program:
+    """``generate``'s decode step (greedy): one token per row onto a cache of ``cache`` slots."""
+    _check_batch(batch, mesh)
+    module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl)
+    whole = NamedSharding(mesh, P())
+    rows, tokens = part.sharding((BATCH,)), part.sharding((BATCH, LENGTH))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (module, params,
+            jax.ShapeDtypeStruct((batch, config.text.vocab_size), jnp.float32,
+                                 sharding=part.sharding((BATCH, ACT_VOCAB))),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole),
+            jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens),
+            KVCache.abstract(config.text, batch, cache, dtype, part),
+            jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows),
+            jax.ShapeDtypeStruct((len(config.text.eos_token_id) or 1,), jnp.int32, sharding=whole),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=whole))
+    return Program(_step, args, dict(temperature=0.0, top_k=None, top_p=None))
+
+
+__all__ = ["Program", "decode_program", "prefill_program", "train_program"]

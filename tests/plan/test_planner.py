@@ -1,0 +1,86 @@
+"""``l4jax plan`` on this machine's CPU (the compilers for H100s and TPUs are optional extras; see
+test_accelerators.py): the real steps compile from abstract shapes, the memory plan holds the arguments a hand count
+gives, bad targets and meshes fail with one line, and the JSON output has its documented fields."""
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+import l4jax
+from l4jax.cli import main
+from l4jax.parallel import make_mesh
+from l4jax.plan import report
+from l4jax.plan.costs import cache_bytes, weights
+from l4jax.plan.planner import Request, plan
+from l4jax.plan.programs import decode_program
+from l4jax.plan import targets
+from l4jax.plan.targets import PlanError, parse_target
+
+
+def test_targets():
+    assert parse_target("h100").topology == "1x1x1" and parse_target("h100x8").devices == 8
+    t = parse_target("H100x8x4")
+    assert (t.topology, t.devices, t.chip.platform) == ("1x4x8", 32, "cuda")
+    assert parse_target("v5p:4x4x4").devices == 64 and parse_target("v5e:2x2").chip.memory == 16 << 30
+    assert parse_target("cpu").chip.platform == "cpu"
+    with pytest.raises(PlanError, match="expected h100"):
+        parse_target("a100x8")
+
+
+def test_argument_bytes_are_the_hand_count():
+    """A decode step on 8 CPU devices (expert=2, tensor=4): what each device holds, from the shardings, against the
+    parameter bytes and cache bytes counted by hand, and against the compiled program's own memory plan."""
+    config = l4jax.load_config("tiny")
+    program = decode_program(config, make_mesh(expert=2, tensor=4), batch=2, cache=64, dtype=jnp.bfloat16)
+    held = report.argument_bytes(program)
+    total = 2 * weights(config.text).total + cache_bytes(config.text, 2, 64, 2) + 2 * 512 * 4 + 2 * 64 * 4
+    assert total / 8 < held < total  # sharded: more than an even split (norms, kv heads replicated), less than all
+    compiled = program.fn.trace(*program.args, **program.kwargs).lower().compile()
+    # The greedy step never reads the sampling key (2 x uint32), and jit drops an unused argument.
+    assert compiled.memory_analysis().argument_size_in_bytes == held - 8
+
+
+def test_cpu_plan_of_a_decode_step(capsys):
+    assert main(["plan", "--model", "tiny", "--target", "cpu", "--task", "decode", "--batch", "2", "--cache", "64",
+                 "--mesh", "expert=2,tensor=4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"model", "target", "chip", "devices", "mesh", "task", "shapes", "memory", "capacity", "fits", "program",
+            "costs", "bound", "compile_seconds", "error"} <= set(out)
+    assert out["devices"] == 8 and out["mesh"] == {"data": 1, "fsdp": 1, "expert": 2, "tensor": 4}
+    m = out["memory"]
+    assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] > 0
+    assert out["program"]["kernels"] > 0 and out["program"]["collectives"].get("all-reduce", 0) > 0
+    assert out["fits"] is None and out["bound"]["seconds"] is None  # no datasheet for a CPU
+
+
+def test_bad_requests_fail_with_one_line(capsys):
+    argv = ["plan", "--model", "tiny", "--target", "cpu", "--task", "decode"]
+    assert main(argv) == 2
+    assert "has 8 devices: give --mesh" in capsys.readouterr().err
+    assert main(argv + ["--mesh", "tensor=4"]) == 2  # the same ShardingError as at run time
+    assert "= 4 devices, but there are 8" in capsys.readouterr().err
+    assert main(argv + ["--mesh", "data=8", "--batch", "4"]) == 2
+    assert "--batch 4 cannot be split over the mesh's batch axes (data x fsdp = 8)" in capsys.readouterr().err
+    with pytest.raises(PlanError, match="--task"):
+        Request("serve")
+    with pytest.raises(l4jax.ConfigError, match="--dtype: unknown dtype 'int8'"):
+        plan(l4jax.load_config("tiny"), parse_target("cpu"), Request("decode", dtype="int8"))
+
+
+def test_a_missing_compiler_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)  # as in a venv without the extras
+    with pytest.raises(PlanError, match=r"needs the CUDA plugin.*pip install -e \.\[aot-gpu\]") as e:
+        targets._require_compiler("cuda")
+    assert f'jax[cuda12]=={targets.jax.__version__}' in str(e.value)
+    assert main(["plan", "--model", "tiny", "--target", "v5e:2x2", "--task", "decode", "--mesh", "tensor=4"]) == 2
+    assert "needs the TPU compiler (libtpu)" in capsys.readouterr().err
+
+
+def test_out_of_memory_messages_become_figures():
+    assert report._out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 44.02G of 15.75G "
+                                  "hbm. Exceeded hbm capacity by 28.27G.") == ("total", int(44.02 * 2**30))
+    assert report._out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                                  "temporaries (16.02G) exceeds available HBM (15.75G).") == (
+        "temporaries", int(16.02 * 2**30))
+    assert report._out_of_memory("INTERNAL: something else") is None
