@@ -3,10 +3,11 @@
 ``gmm(x [M, K], w [G, K, N], sizes [G])`` computes ``x[rows of g] @ w[g]`` for every group g. Two backends:
 
 - ``"scan"`` (default, runs everywhere): the megablox schedule in plain XLA. The rows are cut into tiles of
-  ``tile`` rows; a ``lax.scan`` visits every (tile, group) pair that overlaps, at most ``M/tile + G - 1`` visits, and
-  skips the rest with ``lax.cond``. Work is ~(M + G*tile) * K * N, proportional to tokens x top-k, not to
-  tokens x experts. A custom VJP runs the backward pass on the same schedule (``dx = gmm(dy, w^T)``,
-  ``dw[g] = x_g^T dy_g``), so no per-step copy of an expert matrix is kept for autodiff.
+  ``tile`` rows; a ``lax.scan`` of ``M/tile + G - 1`` steps visits every (tile, group) pair that overlaps, and the
+  steps left over (when fewer pairs overlap) compute a masked tile that adds zeros. No ``lax.cond``: on a GPU each
+  one would read its predicate on the host, a device sync per visit. Work is ~(M + G*tile) * K * N, proportional to
+  tokens x top-k, not to tokens x experts. A custom VJP runs the backward pass on the same schedule
+  (``dx = gmm(dy, w^T)``, ``dw[g] = x_g^T dy_g``), so no per-step copy of an expert matrix is kept for autodiff.
 - ``"ragged_dot"``: ``jax.lax.ragged_dot``. Native and sparse on TPU; on XLA:CPU it lowers to a dense matmul over
   every group (G times the work), and on GPU it depends on the XLA version (see ``shared/tools/gpu_probe.py``).
 """
@@ -53,9 +54,10 @@ def _tiles(x: jax.Array, tile: int) -> tuple[jax.Array, int]:
     return jnp.pad(x, ((0, pad), (0, 0))), (x.shape[0] + pad) // tile
 
 
-def _row_mask(t, g, starts, ends, tile):
+def _row_mask(t, g, ok, starts, ends, tile):
+    """[tile] bool: the rows of tile t that belong to group g; none when the visit is not a real one (``ok``)."""
     rows = t * tile + jnp.arange(tile)
-    return (rows >= starts[g]) & (rows < ends[g])
+    return (rows >= starts[g]) & (rows < ends[g]) & ok
 
 
 def _gmm_impl(x, w, sizes, tile, transpose_w=False):
@@ -68,15 +70,11 @@ def _gmm_impl(x, w, sizes, tile, transpose_w=False):
 
     def visit(out, v):
         g, t = group[v], tile_id[v]
-
-        def compute(out):
-            xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
-            y = jax.lax.dot_general(xt, w[g], dims, preferred_element_type=jnp.float32)
-            y = jnp.where(_row_mask(t, g, starts, ends, tile)[:, None], y, 0).astype(out_dtype)
-            cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile)
-            return jax.lax.dynamic_update_slice_in_dim(out, cur + y, t * tile, 0)
-
-        return jax.lax.cond(valid[v], compute, lambda o: o, out), None
+        xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
+        y = jax.lax.dot_general(xt, w[g], dims, preferred_element_type=jnp.float32)
+        y = jnp.where(_row_mask(t, g, valid[v], starts, ends, tile)[:, None], y, 0).astype(out_dtype)
+        cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile)
+        return jax.lax.dynamic_update_slice_in_dim(out, cur + y, t * tile, 0), None
 
     out, _ = jax.lax.scan(visit, jnp.zeros((num_tiles * tile, N), out_dtype), jnp.arange(group.shape[0]))
     return out[:M]
@@ -91,15 +89,11 @@ def _tgmm_impl(x, dy, sizes, tile, w_dtype):
 
     def visit(dw, v):
         g, t = group[v], tile_id[v]
-
-        def compute(dw):
-            xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
-            xt = jnp.where(_row_mask(t, g, starts, ends, tile)[:, None], xt, 0)
-            dt = jax.lax.dynamic_slice_in_dim(dyp, t * tile, tile)
-            upd = jax.lax.dot_general(xt, dt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            return dw.at[g].add(upd)
-
-        return jax.lax.cond(valid[v], compute, lambda d: d, dw), None
+        xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
+        xt = jnp.where(_row_mask(t, g, valid[v], starts, ends, tile)[:, None], xt, 0)
+        dt = jax.lax.dynamic_slice_in_dim(dyp, t * tile, tile)
+        upd = jax.lax.dot_general(xt, dt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return dw.at[g].add(upd), None
 
     dw, _ = jax.lax.scan(visit, jnp.zeros((G, K, N), jnp.float32), jnp.arange(group.shape[0]))
     return dw.astype(w_dtype)

@@ -33,3 +33,20 @@ def test_gmm_schedule_visits_only_overlapping_tiles():
     # All rows on one expert out of 64: exactly the 8 tiles, however many experts exist.
     _, _, valid, _, _ = _schedule(jnp.array([0] * 63 + [256]), 8, 32)
     assert int(valid.sum()) == 8
+
+
+@pytest.mark.parametrize("sizes", [[0] * 7 + [16], [16] + [0] * 7, [3, 0, 0, 5]])
+def test_left_over_visits_add_nothing(sizes):
+    """The steps past the real visits point at the last group's first tile; they must add zeros, not a second copy
+    of that tile (all rows in the last group is the case where they overlap it). Rows past sum(sizes) stay zero."""
+    M, G = 16, len(sizes)
+    rng = np.random.default_rng(G)
+    x = jnp.asarray(rng.normal(size=(M, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(G, 6, 5)), jnp.float32)
+    rows = np.repeat(np.arange(G), sizes)
+    expect = np.zeros((M, 5), np.float32)
+    expect[:len(rows)] = np.einsum("mk,mkn->mn", x[:len(rows)], np.asarray(w)[rows])
+    np.testing.assert_allclose(gmm(x, w, jnp.asarray(sizes), tile=8), expect, rtol=1e-5, atol=1e-5)
+    dw = jax.grad(lambda w: jnp.sum(gmm(x, w, jnp.asarray(sizes), tile=8)))(w)
+    want = np.stack([np.asarray(x)[:len(rows)][rows == g].sum(0)[:, None].repeat(5, 1) for g in range(G)])
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
