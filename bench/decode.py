@@ -20,6 +20,7 @@ import numpy as np
 
 import l4jax
 from l4jax.infer.generate import stream
+from l4jax.plan.costs import decode_costs
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -32,21 +33,6 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
         y = f(x)
     y.block_until_ready()
     return 2 * x.nbytes * 5 / (time.perf_counter() - t)
-
-
-def step_bytes(cfg, batch: int, itemsize: int) -> int:
-    D, H, K, hd, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
-        cfg.intermediate_size
-    attn = D * (2 * H + 2 * K) * hd
-    total = cfg.vocab_size * D  # LM head
-    for i in range(cfg.num_hidden_layers):
-        total += attn + 2 * D
-        if cfg.is_moe(i):
-            experts = min(cfg.num_local_experts, batch * cfg.num_experts_per_tok)
-            total += D * cfg.num_local_experts + 3 * D * F * (1 + experts)
-        else:
-            total += 3 * D * cfg.intermediate_size_mlp
-    return total * itemsize
 
 
 def time_l4jax(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
@@ -98,18 +84,21 @@ def main():
     args = ap.parse_args()
     model = l4jax.init(args.config, dtype=jnp.dtype(args.dtype), moe_impl=args.moe_impl)
     cfg = model.config.text
-    bw = copy_bandwidth()
+    bw = copy_bandwidth()  # read + write of a copy: the bandwidth a weight-streaming step can use
     print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s; config {args.config}, "
           f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens, moe_impl {args.moe_impl}")
-    print(f"{'impl':14s} {'batch':>5s} {'prefill tok/s':>14s} {'decode ms/step':>15s} {'roofline %':>11s}")
+    print(f"{'impl':14s} {'batch':>5s} {'prefill tok/s':>14s} {'decode ms/step':>15s} {'decode tok/s':>13s} "
+          f"{'step GB':>8s} {'roofline %':>11s}")
     for b in args.batch:
-        pre, ms = time_l4jax(model, b, args.prompt, args.new)
-        roof = step_bytes(cfg, b, jnp.dtype(args.dtype).itemsize) / bw * 1e3 / ms * 100
-        print(f"{'l4jax':14s} {b:5d} {pre:14.0f} {ms:15.2f} {roof:11.1f}")
+        # What a step must read: the weights its tokens use and the cache at its fullest (plan/costs.py).
+        nbytes = decode_costs(cfg, batch=b, cache=args.prompt + args.new, itemsize=jnp.dtype(args.dtype).itemsize,
+                              devices=1).bytes
+        rows = [("l4jax", time_l4jax(model, b, args.prompt, args.new))]
         if not args.no_hf:
-            pre, ms = time_hf(args.config, b, args.prompt, args.new, args.dtype)
-            roof = step_bytes(cfg, b, jnp.dtype(args.dtype).itemsize) / bw * 1e3 / ms * 100
-            print(f"{'transformers':14s} {b:5d} {pre:14.0f} {ms:15.2f} {roof:11.1f}")
+            rows.append(("transformers", time_hf(args.config, b, args.prompt, args.new, args.dtype)))
+        for name, (pre, ms) in rows:
+            print(f"{name:14s} {b:5d} {pre:14.0f} {ms:15.2f} {b / ms * 1e3:13.0f} {nbytes / 1e9:8.3f} "
+                  f"{nbytes / bw * 1e3 / ms * 100:11.1f}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Prefill then decode with a preallocated KV cache; both compiled, the decode step compiled once per shape.
+"""Prefill then decode with a preallocated KV cache; both compiled, the decode loop compiled once per shape.
 
-The cache is allocated for the whole run (prompt + new tokens) and donated to every step, so decoding updates it
-in place. Chunked layers keep a chunk-sized ring (``KVCache``). Rows stop independently at their stop
-tokens and are filled with the pad token afterwards, as transformers' ``generate`` does. Images (``pixel_values``)
-enter the prefill only: their features replace the prompt's ``<|patch|>`` embeddings, and decode steps are text.
+The cache is allocated for the whole run (prompt + new tokens) and donated to every call, so decoding updates it
+in place. Decoding runs on the device a chunk of tokens at a time (sampling and the stop check included), and the
+host fetches each chunk once. Chunked layers keep a chunk-sized ring (``KVCache``). Rows stop independently at their
+stop tokens and are filled with the pad token afterwards, as transformers' ``generate`` does. Images
+(``pixel_values``) enter the prefill only: their features replace the prompt's ``<|patch|>`` embeddings, and decode
+steps are text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Iterator, Sequence
 
@@ -29,22 +32,56 @@ def _prefill(module, params, inputs: Inputs, cache: KVCache):
     return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("module", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
-def _step(module, params, logits, key, mask, cache: KVCache, done, stop, pad, *, temperature, top_k, top_p):
-    """Sample the next token from ``logits``, feed it at slot ``cache.pos``; return (token [B], logits, cache,
-    done)."""
-    token = sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
-    token = jnp.where(done, pad, token)
-    done = done | jnp.isin(token, stop)
-    out = module.apply({"params": params}, Inputs(token[:, None], mask), cache)
-    return token, out.logits[:, -1].astype(jnp.float32), out.cache, done
+# XLA's GPU dot merger joins two matmuls that share an input by concatenating their weights, which in a decode step
+# rewrites those weights every step (for `bench` at batch 32: the shared expert's gate and up with the router, 67 MB
+# more per layer and step).
+DECODE_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+# Tokens per device call: the host fetches once per chunk. The first call makes one token, so it shows at once.
+DECODE_CHUNK = 32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """What decoding carries from token to token, on the device: logits [B, V] fp32 of the next token, the
+    sampling key, the KV cache, done [B] (rows that have stopped, and rows that only pad the batch)."""
+
+    logits: jax.Array
+    key: jax.Array
+    cache: KVCache
+    done: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("module", "n", "temperature", "top_k", "top_p"),
+                   donate_argnames=("state",), compiler_options=DECODE_COMPILER_OPTIONS)
+def _decode(module, params, state: Decoding, mask, stop, pad, limit, *, n: int, temperature, top_k, top_p):
+    """Up to ``limit`` (<= n) tokens per row in one device call: sample, stop check and the next forward in a
+    ``lax.while_loop`` that also ends once every row is done. mask [B, S]: the whole run's; stop [n_stop] ids;
+    pad []: what a stopped row emits. Returns (tokens [B, n] (pad past the steps run), steps run, state).
+
+    A while loop whose bound is an argument reads its predicate on the host once per token on a GPU: one small
+    read, where a Python loop over single steps fetched every token and every done flag."""
+    def body(carry):
+        i, tokens, s = carry
+        key, sub = jax.random.split(s.key)
+        token = sample(s.logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        token = jnp.where(s.done, pad, token)
+        out = module.apply({"params": params}, Inputs(token[:, None], mask), s.cache)
+        s = Decoding(out.logits[:, -1].astype(jnp.float32), key, out.cache, s.done | jnp.isin(token, stop))
+        return i + 1, jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, 1), s
+
+    tokens = jnp.full((state.done.shape[0], n), pad, jnp.int32)
+    i, tokens, state = jax.lax.while_loop(lambda c: (c[0] < limit) & ~jnp.all(c[2].done), body,
+                                          (jnp.int32(0), tokens, state))
+    return tokens, i, state
 
 
 def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int = 0,
            stop_tokens: Sequence[int] | None = None, max_length: int | None = None,
            pixel_values=None) -> Iterator[np.ndarray]:
-    """Yield the next token of every row, [B] int, as soon as it is made. Arguments as ``generate``."""
+    """Yield the next token of every row, [B] int, as soon as it is made (the device makes them a chunk at a
+    time: the first alone, then up to ``DECODE_CHUNK``). Arguments as ``generate``."""
     cfg = model.config.text
     ids, mask = check_tokens(input_ids, attention_mask, cfg.vocab_size, prompt=True)
     stop = tuple(cfg.eos_token_id if stop_tokens is None else stop_tokens)
@@ -60,23 +97,26 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
         return
     # Early fusion on the unpadded batch (the image tiles belong to its rows), checked against the prompt first.
     embeds = None if pixel_values is None else model.embed_images(ids, pixel_values)
-    # The batch axes must divide the batch: extra rows (all padding) are dropped from what is yielded.
+    # The batch axes must divide the batch: extra rows (all padding, done from the start) are never yielded.
     (ids, mask), _ = pad_batch(model.mesh, ids, mask)
     if embeds is not None:
         (embeds,), _ = pad_batch(model.mesh, embeds)
     full_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, new)), constant_values=1))
     cache = KVCache.init(cfg, ids.shape[0], T + new, model.dtype, model.part)
+    logits, cache = _prefill(model.module, model.params, Inputs(jnp.asarray(ids), full_mask, embeds=embeds), cache)
+    state = Decoding(logits, jax.random.key(seed), cache, jnp.arange(ids.shape[0]) >= B)
     pad = jnp.int32(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
-    logits, cache = _prefill(model.module, model.params, Inputs(jnp.asarray(ids), full_mask, embeds=embeds), cache)
-    done = jnp.zeros((ids.shape[0],), bool)
-    key = jax.random.key(seed)
-    for _ in range(new):
-        key, sub = jax.random.split(key)
-        token, logits, cache, done = _step(model.module, model.params, logits, sub, full_mask, cache, done,
-                                           stop_arr, pad, temperature=temperature, top_k=top_k, top_p=top_p)
-        yield np.asarray(token)[:B]
-        if bool(done[:B].all()):
+    made = 0
+    while made < new:
+        limit = 1 if made == 0 else min(DECODE_CHUNK, new - made)
+        tokens, steps, state = _decode(model.module, model.params, state, full_mask, stop_arr, pad, jnp.int32(limit),
+                                       n=DECODE_CHUNK, temperature=temperature, top_k=top_k, top_p=top_p)
+        tokens, steps, done = jax.device_get((tokens, steps, state.done))  # the one fetch of the chunk
+        for j in range(int(steps)):
+            yield tokens[:B, j]
+        made += int(steps)
+        if done[:B].all():
             return
 
 

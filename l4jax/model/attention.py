@@ -17,6 +17,7 @@ own end, recomputed rather than kept under autodiff, so neither a long prefill n
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -25,26 +26,28 @@ import jax.numpy as jnp
 from ..config import TextConfig
 from .axes import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
                    Partitioning)
-from .cache import cached_slots, write
-from .layers import param, rms_normalize
+from .cache import as_keys, cached_slots, write
+from .layers import param, project, rms_normalize
 from .masks import chunk_ids, document_groups, temperature_scales, visible
 from .rope import apply_rope
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, k_axes: str = "bskd",
+           v_axes: str = "bskd") -> jax.Array:
     """softmax(q k^T * scale + mask) v with GQA.
 
-    q [B, T, H, hd]; k, v [B, S, K, hd]; mask [B, T, S] bool. Query head h reads kv head h // (H/K).
-    The softmax is taken in fp32 (the reference's eager path keeps the input dtype; identical in fp32).
-    Rows with no visible key (padding queries) give finite garbage, never NaN.
+    q [B, T, H, hd]; k, v [B, S, K, hd], or laid out as ``k_axes``, ``v_axes`` say (the KV cache's are "bksd" and
+    "bkds"); mask [B, T, S] bool. Query head h reads kv head h // (H/K). The softmax is taken in fp32 (the
+    reference's eager path keeps the input dtype; identical in fp32). Rows with no visible key (padding queries)
+    give finite garbage, never NaN.
     """
     B, T, H, hd = q.shape
-    K = k.shape[2]
+    K = k.shape[k_axes.index("k")]
     qg = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{k_axes}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{v_axes}->btkgd", probs, v)
     return out.reshape(B, T, H, hd)
 
 
@@ -155,14 +158,16 @@ def use_local(T: int, L: int, span: int | None) -> bool:
     return n * block * (L + (p + 1) * block) < T * (L + T)
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["cache_empty"],
+                   data_fields=["cos", "sin", "q_index", "token_valid", "left_pad", "segment_ids", "doc_positions"])
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What every layer's attention needs to know about the tokens, computed once per forward.
 
     cos, sin [B, T, hd/2]: RoPE angles of the fresh tokens; q_index [1, T]: their absolute slots; token_valid
     [B, S]: False on padding, by absolute slot; left_pad [B]: padding slots before each row's first token;
-    segment_ids, doc_positions [B, T] or None: packed documents (training) and each token's position in its own.
+    segment_ids, doc_positions [B, T] or None: packed documents (training) and each token's position in its own;
+    cache_empty (static): the cache holds nothing yet, so only the fresh keys are scored.
     """
 
     cos: jax.Array
@@ -172,6 +177,7 @@ class Context:
     left_pad: jax.Array
     segment_ids: jax.Array | None = None
     doc_positions: jax.Array | None = None
+    cache_empty: bool = False
 
 
 class Attention(nn.Module):
@@ -185,18 +191,18 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, ctx: Context,
                  kv: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, tuple | None]:
-        """x [B, T, D]; ``kv`` = this layer's cache (k, v) [B, L, K, hd] or None -> (out [B, T, D], the cache with
-        these tokens written). Keys are the cached entries followed by the fresh ones, so prefill, decode and a
-        plain forward are the same code."""
+        """x [B, T, D]; ``kv`` = this layer's cache (k [B, K, L, hd], v [B, K, hd, L]) or None -> (out [B, T, D],
+        the cache with these tokens written). Keys are the cached entries and the fresh ones, so prefill, decode
+        and a plain forward are the same code."""
         cfg, part = self.cfg, self.part
         D, H, K, hd = x.shape[-1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         wq = param(self, "q", (D, H, hd), (EMBED, HEADS, HEAD_DIM))     # "btd,dhk->bthk"
         wk = param(self, "k", (D, K, hd), (EMBED, KV_HEADS, HEAD_DIM))  # "btd,dhk->bthk"
         wv = param(self, "v", (D, K, hd), (EMBED, KV_HEADS, HEAD_DIM))  # "btd,dhk->bthk"
         wo = param(self, "o", (H, hd, D), (HEADS, HEAD_DIM, EMBED))     # "bthk,hkd->btd"
-        q = part.constrain(jnp.einsum("btd,dhk->bthk", x, wq), (BATCH, LENGTH, ACT_HEADS, None))
-        k = part.constrain(jnp.einsum("btd,dhk->bthk", x, wk), (BATCH, LENGTH, ACT_KV_HEADS, None))
-        v = part.constrain(jnp.einsum("btd,dhk->bthk", x, wv), (BATCH, LENGTH, ACT_KV_HEADS, None))
+        q = part.constrain(project("btd,dhk->bthk", x, wq), (BATCH, LENGTH, ACT_HEADS, None))
+        k = part.constrain(project("btd,dhk->bthk", x, wk), (BATCH, LENGTH, ACT_KV_HEADS, None))
+        v = part.constrain(project("btd,dhk->bthk", x, wv), (BATCH, LENGTH, ACT_KV_HEADS, None))
         if cfg.rope_layers[self.layer]:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
             if cfg.use_qk_norm:  # after RoPE, per head, no weight, eps = rms_norm_eps
@@ -209,11 +215,21 @@ class Attention(nn.Module):
         chunked = cfg.chunked_layers[self.layer]
         with jax.named_scope("chunked_attention" if chunked else "global_attention"):
             out, kv = self._attend(q, k, v, ctx, kv, cfg.attention_chunk_size if chunked else None)
-        return jnp.einsum("bthk,hkd->btd", out, wo), kv
+        return project("bthk,hkd->btd", out, wo), kv
 
     def _attend(self, q, k, v, ctx: Context, kv, chunk: int | None):
-        """Scores q against the cache and the fresh k, v through whichever path scores fewest pairs."""
+        """Scores q against the cache and the fresh k, v through whichever path scores fewest pairs; returns (out,
+        the cache with the fresh tokens written)."""
         scale = self.cfg.head_dim ** -0.5
+        if kv is not None and not ctx.cache_empty and k.shape[1] <= kv[0].shape[2]:
+            # Decoding: the fresh tokens fit in the cache, so write them first and score the cache alone, with no
+            # concatenation of cache and fresh keys (which XLA would then copy to write the cache in place).
+            kv = write(*kv, k, v, ctx.q_index)
+            slots = cached_slots(kv[0].shape[2], ctx.q_index[0, 0] + k.shape[1])[None]
+            c_valid, c_group = self._cached(slots, ctx, chunk)
+            q_group = None if chunk is None else chunk_ids(ctx.q_index, ctx.left_pad, chunk)
+            mask = visible(ctx.q_index, slots, c_valid, q_group, c_group)
+            return attend(q, kv[0].astype(k.dtype), kv[1].astype(v.dtype), mask, scale, "bksd", "bkds"), kv
         # Per key: its slot, whether it may be seen at all, and its group (chunk and/or document; None = global).
         if ctx.segment_ids is not None:
             k_valid, group = ctx.segment_ids > 0, document_groups(ctx.segment_ids, ctx.doc_positions, chunk)
@@ -222,11 +238,10 @@ class Attention(nn.Module):
             group = None if chunk is None else chunk_ids(ctx.q_index, ctx.left_pad, chunk)
         past, L = None, 0
         if kv is not None:
-            L = kv[0].shape[1]
-            slots = cached_slots(L, ctx.q_index[0, 0])[None]
-            c_valid = (slots >= 0) & jnp.take(ctx.token_valid, jnp.maximum(slots[0], 0), axis=1)
-            c_group = None if chunk is None else chunk_ids(slots, ctx.left_pad, chunk)
-            past = (kv[0].astype(k.dtype), kv[1].astype(v.dtype), slots, c_valid, c_group)
+            if not ctx.cache_empty:  # a prompt in pieces: this piece also sees what the cache held before it
+                L = kv[0].shape[2]
+                slots = cached_slots(L, ctx.q_index[0, 0])[None]
+                past = (*as_keys(*kv, k.dtype), slots, *self._cached(slots, ctx, chunk))
             kv = write(*kv, k, v, ctx.q_index)
         if use_local(k.shape[1], L, chunk):
             return attend_local(q, k, v, ctx.q_index, group, k_valid, group, scale, chunk, past), kv
@@ -239,3 +254,9 @@ class Attention(nn.Module):
             return attend_by_query_blocks(q, k, v, ctx.q_index, k_index, k_valid, group, k_group, scale,
                                           self.query_block), kv
         return attend(q, k, v, visible(ctx.q_index, k_index, k_valid, group, k_group), scale), kv
+
+    @staticmethod
+    def _cached(slots: jax.Array, ctx: Context, chunk: int | None) -> tuple[jax.Array, jax.Array | None]:
+        """Validity [B, L] and chunk groups [B, L] (or None) of cache entries holding absolute ``slots`` [1, L]."""
+        valid = (slots >= 0) & jnp.take(ctx.token_valid, jnp.maximum(slots[0], 0), axis=1)
+        return valid, None if chunk is None else chunk_ids(slots, ctx.left_pad, chunk)

@@ -175,7 +175,7 @@ class Llama4Text(nn.Module):
         embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED), dtype=self.param_dtype)
         x = jnp.take(embed, inputs.ids, axis=0) if inputs.embeds is None else inputs.embeds
         x = self.part.constrain(x.astype(self.dtype), (BATCH, LENGTH, ACT_EMBED))
-        ctx = self._context(inputs, 0 if cache is None else cache.pos)
+        ctx = self._context(inputs, 0 if cache is None else cache.pos, cache is not None and cache.empty)
         x, cache = self._layers(x, ctx, cache)
         x = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
         if cfg.tie_word_embeddings:
@@ -185,7 +185,7 @@ class Llama4Text(nn.Module):
         logits = self.part.constrain(jnp.einsum("btd,dv->btv", x, head), (BATCH, LENGTH, ACT_VOCAB))
         return Output(logits, cache)
 
-    def _context(self, inputs: Inputs, pos) -> Context:
+    def _context(self, inputs: Inputs, pos, cache_empty: bool) -> Context:
         """Positions, slots, validity and RoPE angles of the T fresh tokens at slots pos ... pos + T - 1."""
         cfg = self.cfg
         B, T = inputs.ids.shape
@@ -199,7 +199,7 @@ class Llama4Text(nn.Module):
             positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(mask), pos, T, axis=1)
         cos, sin = rope_angles(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         return Context(cos, sin, pos + jnp.arange(T)[None], mask > 0, left_padding(mask), inputs.segment_ids,
-                       positions if inputs.segment_ids is not None else None)
+                       positions if inputs.segment_ids is not None else None, cache_empty)
 
     def _layers(self, x: jax.Array, ctx: Context, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
@@ -222,7 +222,7 @@ class Llama4Text(nn.Module):
                 vs.append(self.part.constrain(kv[1], KVCache.AXES))
         if cache is None:
             return x, None
-        return x, KVCache(tuple(ks), tuple(vs), cache.pos + x.shape[1])
+        return x, KVCache(tuple(ks), tuple(vs), cache.pos + x.shape[1], empty=False)
 
 
 def init_params(module: Llama4Text, key: jax.Array) -> dict:

@@ -7,6 +7,7 @@ weight is written beside its declaration, so a reader sees the shape, the axes a
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -24,6 +25,21 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     returned cast to ``dtype`` (default ``module.dtype``, the compute dtype)."""
     w = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), module.param_dtype)
     return w.astype(module.dtype if dtype is None else dtype)
+
+
+def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``jnp.einsum(eq, x, w)`` for x whose first axis holds rows (tokens) sharing the weight w: accumulated in fp32
+    and rounded once to x's dtype (what a bf16 GEMM does), w read once however few rows there are.
+
+    A single row (a batch-1 decode step) is padded to two and cut back: XLA rewrites a one-row product as multiply
+    + reduce and, where the reduction does not fuse with its multiply (or two such products share x: q, k and v;
+    gate and up), writes the weight-sized products out for the reduction to read back, two or three passes over
+    the weights instead of one (seen in the program compiled for an H100).
+    """
+    rows = math.prod(x.shape[:-1]) if eq.startswith("...") else x.shape[0] * math.prod(x.shape[1:-1])
+    if rows == 1:
+        return project(eq, jnp.concatenate([x, jnp.zeros_like(x)]), w)[:1]
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -50,10 +66,10 @@ class RMSNorm(nn.Module):
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
            part: Partitioning = Partitioning()) -> jax.Array:
     """down(silu(x @ gate) * (x @ up)). x [..., D]; gate, up [D, F]; down [F, D]."""
-    g = jnp.einsum("...d,df->...f", x, gate)
-    u = jnp.einsum("...d,df->...f", x, up)
+    g = project("...d,df->...f", x, gate)
+    u = project("...d,df->...f", x, up)
     h = part.constrain(jax.nn.silu(g) * u, (BATCH, LENGTH, ACT_MLP)[-x.ndim:])
-    return jnp.einsum("...f,fd->...d", h, down)
+    return project("...f,fd->...d", h, down)
 
 
 class MLP(nn.Module):

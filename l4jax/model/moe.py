@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from .axes import ACT_EMBED, BATCH, EMBED, EXPERT, EXPERT_MLP, LENGTH, Partitioning, ShardingError
 from .gmm import gmm
-from .layers import MLP, param
+from .layers import MLP, param, project
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -48,27 +48,66 @@ def router_losses(logits: jax.Array, experts: jax.Array) -> tuple[jax.Array, jax
     return E * jnp.sum(f * P), jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
 
 
+# Up to this many (token, expert) assignments, one dense pass over the experts does no more work than the grouped
+# matmul (whose tile shrinks to the assignment count, so it visits every expert with all of them anyway) and runs as
+# one batched matmul instead of a loop over experts: decode-sized batches.
+DENSE_ROWS = 128
+
+
 def routed_experts(x: jax.Array, scores: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
                    down: jax.Array, *, impl: str = "scan", first: jax.Array | int = 0) -> jax.Array:
     """Sum over each token's k experts of expert_e(score * x), counting only experts first ... first + El - 1.
 
     x [N, D]; scores, experts [N, k]; gate, up [El, D, F]; down [El, F, D] -> [N, D]. With ``first`` = 0 and all
     E experts this is the whole layer; a device of an expert-parallel mesh passes its own slice (assignments to
-    other devices' experts contribute zeros).
+    other devices' experts contribute zeros). The path follows the assignment count M = N k, static: fewer than El
+    gathers the chosen experts' weights (each assignment reads its own expert: fewer bytes than reading all El),
+    up to ``DENSE_ROWS`` runs every assignment through every local expert in one pass (each expert read once), and
+    more go through the sparse grouped matmul (training, prefill).
     """
     N, k = experts.shape
     El = gate.shape[0]
     slot = experts.reshape(-1) - first                     # [N k] local expert id, or out of range
-    key = jnp.where((slot >= 0) & (slot < El), slot, El)   # other devices' assignments sort past the end
+    ok = (slot >= 0) & (slot < El)
+    # The router score multiplies the expert's input, not its output: expert(s*x) != s*expert(x) for SwiGLU.
+    xs = jnp.repeat(x, k, axis=0) * scores.reshape(-1)[:, None]
+    if N * k < El:
+        y = _gathered(xs, jnp.where(ok, slot, 0), gate, up, down)
+    elif N * k <= DENSE_ROWS:
+        y = _dense(xs, jnp.where(ok, slot, 0), gate, up, down)
+    else:
+        y = _grouped(xs, jnp.where(ok, slot, El), gate, up, down, impl)
+    return jnp.where(ok[:, None], y, 0).reshape(N, k, -1).sum(axis=1)
+
+
+def _gathered(xs: jax.Array, e: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """xs [M, D] through expert e[m] each, reading only those experts' weights."""
+    f32 = dict(preferred_element_type=jnp.float32)  # fp32 products keep XLA from rewriting a one-row product
+    h = jax.nn.silu(jnp.einsum("md,mdf->mf", xs, gate[e], **f32)) * jnp.einsum("md,mdf->mf", xs, up[e], **f32)
+    return jnp.einsum("mf,mfd->md", h.astype(xs.dtype), down[e], **f32).astype(xs.dtype)
+
+
+def _dense(xs: jax.Array, e: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """xs [M, D] through every expert (each weight read once), keeping expert e[m]'s output of row m."""
+    # One batched matmul per weight, the expert axis as its batch axis: the weights are read in their stored layout
+    # (a "md,edf->mef" contraction makes XLA transpose every expert matrix first, each step).
+    xe = jnp.broadcast_to(xs, (gate.shape[0],) + xs.shape)                        # [E, M, D]
+    h = jax.nn.silu(project("emd,edf->emf", xe, gate)) * project("emd,edf->emf", xe, up)
+    h = h * jax.nn.one_hot(e, gate.shape[0], dtype=h.dtype).T[:, :, None]  # only the chosen expert goes on
+    return project("emf,efd->md", h, down)
+
+
+def _grouped(xs: jax.Array, key: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+             impl: str) -> jax.Array:
+    """xs [M, D] sorted by expert ``key`` (El = elsewhere, sorted last and left at zero) through the grouped matmul."""
+    El = gate.shape[0]
     order = jnp.argsort(key, stable=True)                  # assignment slots grouped by expert
     sizes = jnp.bincount(key, length=El + 1)[:El]          # gmm leaves rows past sum(sizes) at zero
-    # The router score multiplies the expert's input, not its output: expert(s*x) != s*expert(x) for SwiGLU.
-    xs = x[order // k] * scores.reshape(-1)[order][:, None]
+    xs = xs[order]
     g = gmm(xs, gate, sizes, impl=impl)                    # "md,edf->mf" per group
     u = gmm(xs, up, sizes, impl=impl)                      # "md,edf->mf" per group
     y = gmm(jax.nn.silu(g) * u, down, sizes, impl=impl)    # "mf,efd->md" per group
-    y = jnp.zeros_like(y).at[order].set(y)                 # back to (token, slot) order
-    return y.reshape(N, k, -1).sum(axis=1)
+    return jnp.zeros_like(y).at[order].set(y)              # back to (token, slot) order
 
 
 def _mesh_axes(entry, mesh) -> tuple[str, ...]:

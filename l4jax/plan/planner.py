@@ -4,7 +4,9 @@ JSON fields (every byte figure per device):
     model, target, chip, devices, mesh {axis: size}, task, shapes {batch, seq, cache, dtype, ...}
     memory {arguments, outputs, aliased, temporaries, total}, capacity, fits (true / false / null when unknown)
     program {kernels, fusion, custom-call, conditional, while, copy, concatenate, collectives {kind: count},
-             custom_call_targets {target: count}}      (empty when the compiler refused the program)
+             custom_call_targets {target: count}, traffic {outside_loops, loop_trip}: HBM bytes estimated from the
+             kernels' operands and results (``plan/traffic.py``), outside any loop and per trip of the entry's first
+             loop (a decode loop's trip is one token)}      (empty when the compiler refused the program)
     costs {flops, bytes} for the whole step on all devices; bound {seconds, by, peak_flops, bandwidth}: the roofline
     lower bound on this chip (a bound, not a measurement); compile_seconds; error (the compiler's refusal, if any)
 """
@@ -114,7 +116,10 @@ def to_text(p: Plan, target: Target, model: str, planned: dict) -> str:
                   f"{g['concatenate']} concatenate",
                   f"    collectives: {coll}",
                   f"    custom-call targets: "
-                  f"{', '.join(f'{k} x{v}' for k, v in g['custom_call_targets'].items()) or 'none'}"]
+                  f"{', '.join(f'{k} x{v}' for k, v in g['custom_call_targets'].items()) or 'none'}",
+                  f"    HBM traffic estimated from the kernels: {g['traffic']['outside_loops']:.3e} bytes outside loops"
+                  + ("" if g["traffic"]["loop_trip"] is None
+                     else f", {g['traffic']['loop_trip']:.3e} per trip of the outer loop")]
     seconds, by = p.costs.bound_seconds(target.chip)
     bound = "unknown" if seconds is None else f"{seconds * 1e3:,.3f} ms ({by}-bound)"
     lines += [f"  model FLOPs per step {p.costs.flops:.3e}; bytes that must move {p.costs.bytes:.3e}",

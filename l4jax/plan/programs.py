@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import Llama4Config
-from ..infer.generate import _prefill, _step
+from ..infer.generate import DECODE_CHUNK, Decoding, _decode, _prefill
 from ..infer.load import abstract_model
 from ..model.axes import ACT_VOCAB, BATCH, LENGTH, ShardingError
 from ..model.cache import KVCache
@@ -76,23 +76,23 @@ def prefill_program(config: Llama4Config, mesh, *, batch: int, seq: int, cache: 
 
 
 def decode_program(config: Llama4Config, mesh, *, batch: int, cache: int, dtype=jnp.bfloat16,
-                   moe_impl: str = "scan") -> Program:
-    """``generate``'s decode step (greedy): one token per row onto a cache of ``cache`` slots."""
+                   moe_impl: str = "scan", chunk: int = DECODE_CHUNK) -> Program:
+    """``generate``'s decode loop (greedy): up to ``chunk`` tokens per row in one call, onto a cache of ``cache``
+    slots. The program's memory is the loop's; per-token figures (FLOPs, bytes) are one trip's."""
     _check_batch(batch, mesh)
     module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl)
     whole = NamedSharding(mesh, P())
     rows, tokens = part.sharding((BATCH,)), part.sharding((BATCH, LENGTH))
     key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (module, params,
-            jax.ShapeDtypeStruct((batch, config.text.vocab_size), jnp.float32,
-                                 sharding=part.sharding((BATCH, ACT_VOCAB))),
-            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole),
-            jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens),
-            KVCache.abstract(config.text, batch, cache, dtype, part),
-            jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows),
-            jax.ShapeDtypeStruct((len(config.text.eos_token_id) or 1,), jnp.int32, sharding=whole),
-            jax.ShapeDtypeStruct((), jnp.int32, sharding=whole))
-    return Program(_step, args, dict(temperature=0.0, top_k=None, top_p=None))
+    state = Decoding(jax.ShapeDtypeStruct((batch, config.text.vocab_size), jnp.float32,
+                                          sharding=part.sharding((BATCH, ACT_VOCAB))),
+                     jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole),
+                     dataclasses.replace(KVCache.abstract(config.text, batch, cache, dtype, part), empty=False),
+                     jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+    args = (module, params, state, jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens),
+            jax.ShapeDtypeStruct((len(config.text.eos_token_id) or 1,), jnp.int32, sharding=whole), scalar, scalar)
+    return Program(_decode, args, dict(n=chunk, temperature=0.0, top_k=None, top_p=None))
 
 
 __all__ = ["Program", "decode_program", "prefill_program", "train_program"]

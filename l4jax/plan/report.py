@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from . import traffic
 from .costs import Costs
 from .programs import Program
 from .targets import Target
@@ -40,9 +41,12 @@ def summarize(hlo: str) -> dict[str, object]:
     ops = collections.Counter(re.findall(r"= (?:\([^()]*\)|\S+) ([a-z][a-z-]*)\(", hlo))
     collectives = {c: ops[c] + ops[f"{c}-start"] for c in COLLECTIVES if ops[c] + ops[f"{c}-start"]}
     targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))
+    body = traffic.loop_body(hlo)
     return {"kernels": ops["fusion"] + ops["custom-call"], "fusion": ops["fusion"], "custom-call": ops["custom-call"],
             "conditional": ops["conditional"], "while": ops["while"], "copy": ops["copy"],
-            "concatenate": ops["concatenate"], "collectives": collectives, "custom_call_targets": dict(targets)}
+            "concatenate": ops["concatenate"], "collectives": collectives, "custom_call_targets": dict(targets),
+            "traffic": {"outside_loops": traffic.traffic(hlo),
+                        "loop_trip": None if body is None else traffic.traffic(hlo, body)}}
 
 
 def _out_of_memory(message: str) -> tuple[str, int] | None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import l4jax
-from l4jax.infer.generate import _prefill, _step, generate, stream
+from l4jax.infer.generate import _decode, _prefill, generate, stream
 from l4jax.model import Inputs, KVCache
 from tiny import batch, hf_model, save
 
@@ -83,9 +83,9 @@ def test_ring_buffer_holds_exactly_chunk_entries():
     cache = KVCache.abstract(cfg, 1, 65536, jnp.bfloat16)
     for i in range(cfg.num_hidden_layers):
         want = cfg.attention_chunk_size if cfg.chunked_layers[i] else 65536
-        assert cache.k[i].shape == cache.v[i].shape == (1, want, 8, 128)
+        assert cache.k[i].shape == (1, 8, want, 128) and cache.v[i].shape == (1, 8, 128, want)
     full = 48 * 65536
-    ours = sum(k.shape[1] for k in cache.k)
+    ours = sum(cache.length(i) for i in range(48))
     assert ours / full == pytest.approx((12 * 65536 + 36 * 8192) / full)  # 0.34: ~2/3 less at 64k, -> 1/4 at 1M
 
 
@@ -122,7 +122,8 @@ def test_generate_errors(pair):
 
 def test_decode_step_compiles_once_per_shape_not_per_token(pair):
     _, ours = pair
-    before = _step._cache_size(), _prefill._cache_size()
-    out = generate(ours, [[5, 6, 7, 8, 9]], max_new_tokens=9, stop_tokens=())  # a shape no other test uses
-    assert out.shape == (1, 14)
-    assert (_step._cache_size(), _prefill._cache_size()) == (before[0] + 1, before[1] + 1)
+    before = _decode._cache_size(), _prefill._cache_size()
+    # A shape no other test uses; 40 tokens take 3 device calls (1, then up to 32, then 7): one compiled loop.
+    out = generate(ours, [[5, 6, 7, 8, 9]], max_new_tokens=40, stop_tokens=())
+    assert out.shape == (1, 45)
+    assert (_decode._cache_size(), _prefill._cache_size()) == (before[0] + 1, before[1] + 1)

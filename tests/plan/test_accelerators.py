@@ -2,15 +2,21 @@
 
 These need the optional compilers (``pip install -e .[aot-gpu,aot-tpu]``) and take a few minutes; they are marked
 ``plan`` and CI runs them in a venv with both extras (``.ci/run``). Asserted today: every step fits in the chip's
-memory; on a GPU, no ``conditional`` (each would read its predicate on the host: a device sync). Tighten as the
-hot-path issues land (a fused attention kernel, no cache-sized copy).
+memory; on a GPU, no ``conditional`` (each would read its predicate on the host: a device sync); the decode loop
+writes its cache in place (no concatenate, copy or transpose of a cache-sized array, no cache-sized temporary) and
+moves, per token, within 20% of the bytes its weights and cache hold (the HBM traffic estimated from its kernels).
+Tighten as the hot-path issues land (a fused attention kernel in the train step and prefill).
 """
+
+import re
 
 import pytest
 
 import l4jax
+from l4jax.plan.costs import cache_bytes
 from l4jax.plan.planner import Request, plan
 from l4jax.plan.targets import parse_target
+from l4jax.plan.traffic import shape_bytes
 
 pytestmark = pytest.mark.plan
 
@@ -35,6 +41,19 @@ def test_bench_on_one_h100(bench, task, kw):
     assert planned["mesh"] == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
     assert result.program["kernels"] > 0 and not result.program["collectives"]
     assert result.program["conditional"] == 0
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_bench_decode_on_one_h100_writes_the_cache_in_place(bench, batch):
+    pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
+    result, _ = plan(bench, parse_target("h100"), Request("decode", batch=batch, cache=4096))
+    smallest_layer = cache_bytes(bench.text, batch, 4096, 2) // (2 * bench.text.num_hidden_layers) // 2
+    big = [m.group(0)[:80] for m in re.finditer(r"= (\S+) (concatenate|copy|transpose)\(", result.hlo)
+           if shape_bytes(m.group(1)) >= smallest_layer]
+    assert not big, big
+    assert result.memory["temporaries"] < 0.05 * cache_bytes(bench.text, batch, 4096, 2)
+    per_token = result.program["traffic"]["loop_trip"]
+    assert abs(per_token / result.costs.bytes - 1) < 0.2, (per_token, result.costs.bytes)
 
 
 @pytest.mark.parametrize("task,kw", V5E, ids=[f"{t}-{kw['batch']}" for t, kw in V5E])
