@@ -45,7 +45,7 @@ def _split(config: Llama4Config, params: dict) -> tuple[dict, dict | None]:
 
 
 def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: int = 0, mesh=None,
-         moe_impl: str = "scan", vision: bool | None = None) -> Model:
+         moe_impl: str = "scan", attention_impl: str = "auto", vision: bool | None = None) -> Model:
     """Random weights (normal, std 0.02; norms at 1), created directly in their shardings when a mesh is given.
 
     With a mesh the initialiser is one jit whose outputs are the parameter shardings: the partitioner splits the
@@ -68,10 +68,12 @@ def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: in
     out_shardings = None if mesh is None else param_shardings(config, partitioning(config.text, mesh), dtype)
     params = jax.jit(make, out_shardings=out_shardings)(jax.random.key(seed))
     text, vision_params = _split(config, params)
-    return Model(config, text, dtype=dtype, mesh=mesh, moe_impl=moe_impl, vision_params=vision_params)
+    return Model(config, text, dtype=dtype, mesh=mesh, moe_impl=moe_impl, attention_impl=attention_impl,
+                 vision_params=vision_params)
 
 
-def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan", vision: bool | None = None) -> Model:
+def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan", attention_impl: str = "auto",
+         vision: bool | None = None) -> Model:
     """Load an HF Llama 4 folder (config.json + safetensors, single or sharded) or an l4jax checkpoint written by
     ``l4jax convert``.
 
@@ -80,11 +82,12 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan", vis
     (the vision tensors are then never read). ``dtype`` defaults to the checkpoint's dtype. With a ``mesh`` each
     tensor is placed on its sharding as it is read, so no device holds the whole model; with several processes
     (``l4jax.parallel.distributed``) every process reads the checkpoint and places only the shards of its own
-    devices.
+    devices. ``moe_impl`` and ``attention_impl`` override the kernels of the mesh's chip (``l4jax.model.kernels``).
     """
     path = Path(path)
+    kernels = dict(moe_impl=moe_impl, attention_impl=attention_impl)
     if l4jax_format.is_checkpoint(path):
-        return _load_l4jax(path, dtype, mesh, moe_impl, vision)
+        return _load_l4jax(path, dtype, mesh, kernels, vision)
     config = _resolve_vision(load_config(path), vision, path)
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(hf_import.checkpoint_dtype(path))
     expected = abstract_model(config, dtype)
@@ -97,10 +100,10 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan", vis
         # One tensor at a time; with a mesh each device receives only its shard (each process places its own).
         tree.put(params, p, put(host, None if shardings is None else tree.get(shardings, p)))
     text, vision_params = _split(config, params)
-    return Model(config, text, dtype=dtype, mesh=mesh, moe_impl=moe_impl, vision_params=vision_params)
+    return Model(config, text, dtype=dtype, mesh=mesh, vision_params=vision_params, **kernels)
 
 
-def _load_l4jax(path: Path, dtype, mesh, moe_impl: str, vision: bool | None) -> Model:
+def _load_l4jax(path: Path, dtype, mesh, kernels: dict, vision: bool | None) -> Model:
     manifest = l4jax_format.read_manifest(path)
     config = _resolve_vision(Llama4Config.from_hf(manifest["config"]), vision, path)
     stored = jnp.dtype(manifest["dtype"])
@@ -112,4 +115,4 @@ def _load_l4jax(path: Path, dtype, mesh, moe_impl: str, vision: bool | None) -> 
     restored = l4jax_format.restore(path, abstract_model(config, stored), shardings, dtype,
                                     ignore=VISION_PARAMS if config.vision is None else ())
     text, vision_params = _split(config, restored)
-    return Model(config, text, dtype=dtype, mesh=mesh, moe_impl=moe_impl, vision_params=vision_params)
+    return Model(config, text, dtype=dtype, mesh=mesh, vision_params=vision_params, **kernels)

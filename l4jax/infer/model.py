@@ -20,9 +20,9 @@ from ..checkpoints import l4jax_format
 from ..config import Llama4Config
 from ..model.axes import ACT_VOCAB, BATCH, LENGTH
 from ..model.decoder import Inputs, Llama4Text
-from ..model.gmm import IMPLS
+from ..model.kernels import Kernels
 from ..model.vision import check_image_tokens, check_pixels, fuse_images
-from ..parallel import pad_batch, param_shardings, partitioning, put
+from ..parallel import pad_batch, param_shardings, partitioning, platform, put
 from . import generate as generation
 from .inputs import check_tokens
 
@@ -30,19 +30,19 @@ from .inputs import check_tokens
 class Model:
     """A loaded Llama 4: ``.config``, ``.params`` (the text decoder's, a plain pytree), ``.vision_params`` (the
     vision tower and projector's, or None for a text-only model), ``.mesh`` and ``.module`` (the decoder, laid out
-    on the mesh), and ``__call__(ids, mask, pixel_values) -> logits``.
+    on the mesh, with the kernels of the mesh's chip unless ``moe_impl`` / ``attention_impl`` say otherwise: see
+    ``l4jax.model.kernels``), and ``__call__(ids, mask, pixel_values) -> logits``.
     """
 
     def __init__(self, config: Llama4Config, params, *, dtype=jnp.float32, mesh=None, moe_impl: str = "scan",
-                 vision_params=None):
-        if moe_impl not in IMPLS:
-            raise ValueError(f"moe_impl: unknown {moe_impl!r}; expected one of {IMPLS}")
+                 attention_impl: str = "auto", vision_params=None):
+        kernels = Kernels.for_platform(platform(mesh), moe=moe_impl, attention=attention_impl)
         if vision_params is not None and config.vision is None:
             raise ValueError("vision_params given, but the config has no vision_config")
         self.config, self.params, self.mesh, self.dtype = config, params, mesh, jnp.dtype(dtype)
         self.vision_params = vision_params
         self.part = partitioning(config.text, mesh)
-        self.module = Llama4Text(config.text, self.part, moe_impl=moe_impl, dtype=self.dtype, param_dtype=self.dtype)
+        self.module = Llama4Text(config.text, self.part, kernels, dtype=self.dtype, param_dtype=self.dtype)
         if mesh is None:
             self._forward, self._forward_mm, self._embed = (jax.jit(f) for f in (self._apply, self._apply_mm,
                                                                                  self._apply_embed))

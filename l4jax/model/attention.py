@@ -8,10 +8,11 @@ A chunked layer's query never sees a key more than C - 1 slots back (C = attenti
 tokens are many chunks long (long prefill, long training rows), ``attend_local`` uses that: it cuts the queries into
 blocks of C/4, and each block scores only its own and the four previous blocks of keys (plus the cache L): T x
 (1.25C + L) scores instead of T x (T + L). The result is the dense path's, whose mask is zero everywhere else.
-Otherwise (global layers, and chunked layers over fewer tokens), more than ``query_block`` fresh tokens (default
-``QUERY_BLOCK``) go through ``attend_by_query_blocks``: blocks of queries, each scoring only the keys up to its
-own end, recomputed rather than kept under autodiff, so neither a long prefill nor a long training row holds a
-[T, T] score matrix.
+Otherwise (global layers, and chunked layers over fewer tokens), more than ``Kernels.query_block`` fresh tokens go
+through ``attend_by_query_blocks``: blocks of queries, each scoring only the keys up to its own end, recomputed
+rather than kept under autodiff, so neither a long prefill nor a long training row holds a [T, T] score matrix.
+With ``Kernels.attention = "flash"`` (a GPU), fresh tokens with no cached keys before them (training, a prefill)
+go through the fused kernel of ``flash.py`` instead.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ..config import TextConfig
 from .axes import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
                    Partitioning)
 from .cache import as_keys, cached_slots, write
+from .flash import flash_attend, segments
+from .kernels import Kernels
 from .layers import param, project, rms_normalize
 from .masks import chunk_ids, document_groups, temperature_scales, visible
 from .rope import apply_rope
@@ -138,11 +141,6 @@ def attend_by_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_index: ja
     return jnp.concatenate(outs, axis=1)
 
 
-# The dense path scores at most this many queries at once: [B, H, 1024, S] fp32 is 2 GiB for the bench preset at
-# S = 32768, where all T queries at once would need 64 GiB.
-QUERY_BLOCK = 1024
-
-
 def local_blocks(T: int, span: int, block: int | None = None) -> tuple[int, int, int]:
     """``attend_local``'s tiling of T queries under groups of at most ``span`` slots: (block size, number of
     query blocks n, previous key blocks p each block scores besides its own)."""
@@ -184,7 +182,7 @@ class Attention(nn.Module):
     cfg: TextConfig
     layer: int
     part: Partitioning = Partitioning()
-    query_block: int = QUERY_BLOCK
+    kernels: Kernels = Kernels()
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -243,6 +241,9 @@ class Attention(nn.Module):
                 slots = cached_slots(L, ctx.q_index[0, 0])[None]
                 past = (*as_keys(*kv, k.dtype), slots, *self._cached(slots, ctx, chunk))
             kv = write(*kv, k, v, ctx.q_index)
+        if past is None and self.kernels.attention != "xla" and k.shape[1] > 1:
+            return flash_attend(q, k, v, segments(k_valid, group), scale,
+                                interpret=self.kernels.attention == "flash_interpret"), kv
         if use_local(k.shape[1], L, chunk):
             return attend_local(q, k, v, ctx.q_index, group, k_valid, group, scale, chunk, past), kv
         k_index, k_group = ctx.q_index, group
@@ -250,9 +251,9 @@ class Attention(nn.Module):
             k, v = jnp.concatenate([past[0], k], 1), jnp.concatenate([past[1], v], 1)
             k_index, k_valid = jnp.concatenate([past[2], k_index], 1), jnp.concatenate([past[3], k_valid], 1)
             k_group = None if group is None else jnp.concatenate([past[4], group], 1)
-        if q.shape[1] > self.query_block:
+        if q.shape[1] > self.kernels.query_block:
             return attend_by_query_blocks(q, k, v, ctx.q_index, k_index, k_valid, group, k_group, scale,
-                                          self.query_block), kv
+                                          self.kernels.query_block), kv
         return attend(q, k, v, visible(ctx.q_index, k_index, k_valid, group, k_group), scale), kv
 
     @staticmethod

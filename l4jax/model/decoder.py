@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from ..config import TextConfig
-from .attention import QUERY_BLOCK, Attention, Context
+from .attention import Attention, Context
 from .axes import ACT_EMBED, ACT_VOCAB, BATCH, EMBED, LAYERS, LENGTH, VOCAB, Partitioning
 from .cache import KVCache
+from .kernels import Kernels
 from .layers import MLP, RMSNorm, param
 from .masks import left_padding, positions_from_mask, segment_positions
 from .moe import MoE
@@ -62,10 +63,14 @@ class Inputs:
 @dataclasses.dataclass(frozen=True)
 class Output:
     """logits [B, T, V] (logical axes BATCH, LENGTH, ACT_VOCAB); cache: the KV cache with these tokens written,
-    when one was given."""
+    when one was given. With ``Llama4Text.logits = False``, logits is None and hidden [B, T, D] (the final norm's
+    output) and head [D, V] (the LM head, the embedding's transpose when tied) are returned instead, for a loss
+    that applies the head to a block of tokens at a time."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     cache: KVCache | None = None
+    hidden: jax.Array | None = None
+    head: jax.Array | None = None
 
 
 def layer_kind(cfg: TextConfig, i: int) -> tuple[bool, bool, bool]:
@@ -89,9 +94,8 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     layer: int  # its index, or its index within a scanned block: only its kind matters
     part: Partitioning = Partitioning()
-    moe_impl: str = "scan"
+    kernels: Kernels = Kernels()
     aux_loss: bool = False
-    query_block: int = QUERY_BLOCK
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -100,12 +104,12 @@ class DecoderLayer(nn.Module):
         """x [B, T, D] -> (x [B, T, D], this layer's cache with the tokens written, or None)."""
         cfg, kw = self.cfg, dict(part=self.part, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_norm")(x)
-        a, kv = Attention(cfg, self.layer, query_block=self.query_block, name="attn", **kw)(h, ctx, kv)
+        a, kv = Attention(cfg, self.layer, kernels=self.kernels, name="attn", **kw)(h, ctx, kv)
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_norm")(x)
         if cfg.is_moe(self.layer):
             with jax.named_scope("moe"):
-                ff = MoE(cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size, impl=self.moe_impl,
+                ff = MoE(cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size, impl=self.kernels.moe,
                          aux_loss=self.aux_loss, name="moe", **kw)(h)
         else:
             ff = MLP(cfg.intermediate_size_mlp, name="mlp", **kw)(h)
@@ -116,17 +120,16 @@ class Block(nn.Module):
     """``period`` consecutive decoder layers: the unit ``nn.scan`` repeats. Scan-style (carry, out) signature."""
     cfg: TextConfig
     part: Partitioning = Partitioning()
-    moe_impl: str = "scan"
+    kernels: Kernels = Kernels()
     aux_loss: bool = False
-    query_block: int = QUERY_BLOCK
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: Context):
         for j in range(period(self.cfg)):
-            x, _ = DecoderLayer(self.cfg, j, self.part, self.moe_impl, self.aux_loss, self.query_block, self.dtype,
-                                self.param_dtype, name=f"layers_{j}")(x, ctx)
+            x, _ = DecoderLayer(self.cfg, j, self.part, self.kernels, self.aux_loss, self.dtype, self.param_dtype,
+                                name=f"layers_{j}")(x, ctx)
         return x, None
 
 
@@ -155,13 +158,13 @@ def unstack_layers(params: dict, cfg: TextConfig) -> dict:
 class Llama4Text(nn.Module):
     cfg: TextConfig
     part: Partitioning = Partitioning()  # the mesh and rules; no mesh = one device
-    moe_impl: str = "scan"
+    kernels: Kernels = Kernels()         # how the hot paths compute (kernels.py)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     scan: bool = False      # scanned layout (training); no KV cache then
     remat: str = "none"     # a key of REMAT_POLICIES
     aux_loss: bool = False  # MoE layers sow router loss terms into the "aux" collection
-    query_block: int = QUERY_BLOCK  # attention scores at most this many queries at once
+    logits: bool = True     # False: return the final hidden states and the LM head, not [B, T, V] logits
 
     @nn.compact
     def __call__(self, inputs: Inputs, cache: KVCache | None = None) -> Output:
@@ -182,6 +185,8 @@ class Llama4Text(nn.Module):
             head = embed.T.astype(self.dtype)
         else:
             head = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB))  # "btd,dv->btv"
+        if not self.logits:
+            return Output(None, cache, x, head)
         logits = self.part.constrain(jnp.einsum("btd,dv->btv", x, head), (BATCH, LENGTH, ACT_VOCAB))
         return Output(logits, cache)
 
@@ -203,8 +208,8 @@ class Llama4Text(nn.Module):
 
     def _layers(self, x: jax.Array, ctx: Context, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
-        kw = dict(part=self.part, moe_impl=self.moe_impl, aux_loss=self.aux_loss, query_block=self.query_block,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(part=self.part, kernels=self.kernels, aux_loss=self.aux_loss, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         policy = REMAT_POLICIES[self.remat]
         if self.scan:
             block = Block if self.remat == "none" else nn.remat(Block, policy=policy, prevent_cse=False)

@@ -38,6 +38,12 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
                          devices=devices)
 
 
+def platform(mesh: Mesh | None) -> str:
+    """The platform ("gpu", "tpu", "cpu") of the mesh's devices (of jax's default devices without a mesh): the
+    chip a program for this mesh is compiled for, abstract topology devices included."""
+    return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """'data=2,expert=2,tensor=2' -> {'data': 2, 'expert': 2, 'tensor': 2}."""
     axes = {}

@@ -17,7 +17,8 @@ from ..infer.load import abstract_model
 from ..model.axes import ACT_VOCAB, BATCH, LENGTH, ShardingError
 from ..model.cache import KVCache
 from ..model.decoder import Inputs, Llama4Text
-from ..parallel import batch_multiple, param_shardings, partitioning
+from ..model.kernels import Kernels
+from ..parallel import batch_multiple, param_shardings, partitioning, platform
 from ..train.settings import TrainConfig
 from ..train.step import BATCH_KEYS, Trainer
 
@@ -54,11 +55,13 @@ def train_program(config: Llama4Config, tc: TrainConfig, mesh) -> Program:
 
 
 def _inference(config: Llama4Config, mesh, dtype, moe_impl: str):
-    """(module, abstract params, the partitioning) of the text decoder for inference in ``dtype``."""
+    """(module, abstract params, the partitioning) of the text decoder for inference in ``dtype``, with the kernels
+    of the mesh's chip (as ``l4jax.load`` picks them)."""
     text = dataclasses.replace(config, vision=None)
     part = partitioning(config.text, mesh)
     params = _abstract(abstract_model(text, dtype), param_shardings(text, part, dtype))
-    module = Llama4Text(config.text, part, moe_impl=moe_impl, dtype=dtype, param_dtype=dtype)
+    module = Llama4Text(config.text, part, Kernels.for_platform(platform(mesh), moe=moe_impl), dtype=dtype,
+                        param_dtype=dtype)
     return module, params, part
 
 

@@ -13,9 +13,8 @@ from typing import Any, Mapping
 import yaml
 
 from ..config import ConfigError, dtype_name
-from ..model.attention import QUERY_BLOCK
 from ..model.decoder import REMAT_POLICIES
-from ..model.gmm import IMPLS
+from ..model.kernels import QUERY_BLOCK, Kernels
 from .lora import LoraConfig, LoraError
 
 
@@ -47,8 +46,9 @@ class TrainConfig:
     param_dtype: str = "float32"         # ... with fp32 master weights when this stays float32
     scan: bool = True
     remat: str = "none"                  # see model.decoder.REMAT_POLICIES
-    moe_impl: str = "scan"
-    query_block: int = QUERY_BLOCK       # attention scores at most this many queries at once
+    moe_impl: str = "scan"               # see model/kernels.py
+    attention_impl: str = "auto"         # "auto": the fused kernel on a GPU, the XLA paths elsewhere
+    query_block: int = QUERY_BLOCK       # the XLA attention path scores at most this many queries at once
     # optional router terms (the reference trains without them)
     load_balance: float = 0.0
     z_loss: float = 0.0
@@ -81,8 +81,11 @@ class TrainConfig:
             fail("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
         for f in ("compute_dtype", "param_dtype"):  # "bf16" is accepted and stored as "bfloat16"
             object.__setattr__(self, f, dtype_name(getattr(self, f), f"TrainConfig.{f}", ("float32", "bfloat16")))
-        if self.moe_impl not in IMPLS:
-            fail("moe_impl", f"unknown {self.moe_impl!r}; expected one of {IMPLS}")
+        try:
+            Kernels.for_platform("cpu", moe=self.moe_impl, attention=self.attention_impl,
+                                 query_block=self.query_block)
+        except ConfigError as e:
+            raise ConfigError(f"TrainConfig.{e}") from None
         if self.remat not in REMAT_POLICIES:
             fail("remat", f"unknown policy {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         for f in ("load_balance", "z_loss", "weight_decay", "clip_norm"):

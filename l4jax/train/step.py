@@ -18,9 +18,10 @@ import optax
 from ..config import ConfigError, Llama4Config
 from ..model.axes import BATCH, LENGTH
 from ..model.decoder import Inputs, Llama4Text, abstract_params, init_params, stack_layers, unstack_layers
-from ..parallel import batch_multiple, param_shardings, partitioning, put
+from ..model.kernels import Kernels
+from ..parallel import batch_multiple, param_shardings, partitioning, platform, put
 from . import lora as lora_lib
-from .losses import codistillation, cross_entropy
+from .losses import codistillation, cross_entropy, cross_entropy_by_blocks
 from .settings import TrainConfig
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -54,9 +55,12 @@ class Trainer:
         _check_setup(config, tc, mesh, teacher)
         self.aux = tc.load_balance > 0 or tc.z_loss > 0
         self.part = partitioning(cfg, mesh)
-        self.module = Llama4Text(cfg, self.part, moe_impl=tc.moe_impl, dtype=jnp.dtype(tc.compute_dtype),
+        kernels = Kernels.for_platform(platform(mesh), moe=tc.moe_impl, attention=tc.attention_impl,
+                                       query_block=tc.query_block)
+        # Without a teacher the loss applies the LM head itself, a block of tokens at a time (no [B, T, V] logits).
+        self.module = Llama4Text(cfg, self.part, kernels, dtype=jnp.dtype(tc.compute_dtype),
                                  param_dtype=jnp.dtype(tc.param_dtype), scan=tc.scan, remat=tc.remat,
-                                 aux_loss=self.aux, query_block=tc.query_block)
+                                 aux_loss=self.aux, logits=teacher is not None)
         self.tx = optimizer(tc)
         self.lora = tc.lora
         self._layout_state()
@@ -157,16 +161,16 @@ class Trainer:
         inputs = Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
         out = self.module.apply({"params": params}, inputs, mutable=["aux"] if self.aux else False)
         (out, aux) = out if self.aux else (out, {})
-        logits = out.logits
-        ce, n = cross_entropy(logits, mb["targets"], mb["loss_mask"])
-        sums = {"ce": ce, "tokens": n}
         if self.teacher is None:
+            ce, n = cross_entropy_by_blocks(out.hidden, out.head, mb["targets"], mb["loss_mask"])
+            sums = {"ce": ce, "tokens": n}
             total = ce
         else:
+            ce, n = cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
             t_logits = self.teacher.module.apply({"params": teacher}, inputs).logits
-            total, _, a = codistillation(logits, t_logits, mb["targets"], mb["loss_mask"], alpha=tc.distill.alpha,
-                                         tau=tc.distill.tau)
-            sums["alpha"] = a
+            total, _, a = codistillation(out.logits, t_logits, mb["targets"], mb["loss_mask"],
+                                         alpha=tc.distill.alpha, tau=tc.distill.tau)
+            sums = {"ce": ce, "tokens": n, "alpha": a}
         if self.aux:
             # Mean over MoE layers (scanned layers sow one value per block), weighted by tokens like the CE.
             for name, coef in (("load_balance", tc.load_balance), ("z_loss", tc.z_loss)):

@@ -10,6 +10,7 @@ import torch
 import l4jax
 from l4jax.infer.generate import _decode, _prefill, generate, stream
 from l4jax.model import Inputs, KVCache
+from l4jax.model.kernels import Kernels
 from tiny import batch, hf_model, save
 
 NEW = 34  # > 4 chunks of 8 past the prompt
@@ -69,7 +70,7 @@ def test_prefill_in_pieces_by_query_blocks_equals_full_forward(pair):
     _, ours = pair
     ids, mask, _ = batch(lengths=(30, 19), seed=3)
     ref = np.asarray(ours(ids, mask))
-    module = ours.module.clone(query_block=4)
+    module = ours.module.clone(kernels=Kernels(query_block=4))
     apply = jax.jit(lambda p, i, c: module.apply({"params": p}, Inputs(i, jnp.asarray(mask)), c))
     first = apply(ours.params, jnp.asarray(ids[:, :17]), KVCache.init(ours.config.text, 2, 30))
     second = apply(ours.params, jnp.asarray(ids[:, 17:]), first.cache)

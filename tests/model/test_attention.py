@@ -9,6 +9,7 @@ import pytest
 from l4jax.model import attention
 from l4jax.model.attention import attend, attend_by_query_blocks, attend_local, use_local
 from l4jax.model.cache import cached_slots
+from l4jax.model.flash import flash_attend, segments
 from l4jax.model.masks import chunk_ids, document_groups, segment_positions, visible
 from masks_reference import segment_mask
 
@@ -123,3 +124,32 @@ def test_query_blocks_score_only_visible_keys(monkeypatch):
     attention.attend_by_query_blocks(q[:, :130], k[:, :130], v[:, :130], index[:, :130], index[:, :130],
                                      valid[:, :130], None, None, 0.1, block)
     assert scored == [(44, 88), (44, 130)]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_kernel_equals_dense_attention(packed):
+    """The fused kernel (Pallas, interpret mode on the CPU) against the dense path, outputs and gradients: left
+    padding and chunks of 8, or packed documents with chunks counted per document; T = 37 is padded to a block."""
+    B, T, H, K, hd, C = 2, 37, 4, 2, 16, 8
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, hd)), jnp.float32) for n in (H, K, K))
+    idx = jnp.arange(T)[None]
+    if packed:
+        seg = jnp.asarray(np.array([[1] * 10 + [2] * 13 + [3] * 9 + [0] * 5, [1] * 20 + [2] * 12 + [0] * 5]))
+        valid, group = seg > 0, document_groups(seg, segment_positions(seg), C)
+    else:
+        left = jnp.array([0, 5])
+        valid, group = idx >= left[:, None], chunk_ids(idx, left, C)
+    w = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32) * valid[:, :, None, None]
+
+    def flash(q, k, v):
+        return flash_attend(q, k, v, segments(valid, group), 0.25, interpret=True)
+
+    def dense(q, k, v):
+        return attend(q, k, v, visible(idx, idx, valid, group, group), 0.25)
+
+    real = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(flash(q, k, v))[real], np.asarray(dense(q, k, v))[real], atol=2e-6)
+    got, want = (jax.grad(lambda *a: jnp.sum(f(*a) * w), (0, 1, 2))(q, k, v) for f in (flash, dense))
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=2e-6)

@@ -57,18 +57,20 @@ def hf_grads_in_l4jax_layout(model, folder, ids, tmp) -> tuple[float, dict]:
     return float(out.loss.detach()), grads
 
 
-@pytest.mark.parametrize("scan,remat,query_block", [
-    (True, "full", None), pytest.param(False, "none", None, marks=pytest.mark.slow),
+@pytest.mark.parametrize("scan,remat,query_block,attention", [
+    (True, "full", None, "xla"), pytest.param(False, "none", None, "xla", marks=pytest.mark.slow),
     # Global layers score 4 queries at a time, each piece only its visible keys, recomputed in the backward pass.
-    pytest.param(True, "full", 4, marks=pytest.mark.slow)])
-def test_loss_and_gradients_equal_transformers(scout, tmp_path, scan, remat, query_block):
+    pytest.param(True, "full", 4, "xla", marks=pytest.mark.slow),
+    # The GPU's fused kernel, run here in Pallas' interpret mode: chunks and documents as its segments.
+    pytest.param(True, "full", None, "flash_interpret", marks=pytest.mark.slow)])
+def test_loss_and_gradients_equal_transformers(scout, tmp_path, scan, remat, query_block, attention):
     model, folder = scout
     ids = np.random.default_rng(0).integers(3, 300, (2, T))
     ref_loss, ref_grads = hf_grads_in_l4jax_layout(model, folder, ids, tmp_path)
 
     config = load_config(folder)
     trainer = Trainer(config, TrainConfig(seq_len=T, batch_size=2, scan=scan, remat=remat,
-                                                 query_block=query_block or 1024))
+                                          query_block=query_block or 1024, attention_impl=attention))
     state, frozen = trainer.init_state(l4jax.load(folder).params)
     mb = jax.tree.map(jnp.asarray, packed_batch(ids))
 

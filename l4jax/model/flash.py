@@ -1,0 +1,47 @@
+"""Fused (flash) attention for training and prefill: Pallas' GPU kernel, which never writes the [T, T] scores.
+
+The kernel (``jax.experimental.pallas.ops.gpu.attention.mha``, Triton) scores each block of queries against the
+keys it can see, causal and within one segment, with the softmax accumulated online; its backward pass recomputes
+the scores (three kernels). Every mask of the model maps onto that: a segment is a chunk of a chunked layer, a
+packed document (and its chunk), or all of a row's real tokens; padding slots get segment 0, which no real token
+has. GQA repeats each kv head for its query heads (the kernel wants as many kv heads as q heads).
+
+On the CPU the same kernel runs in Pallas' interpret mode (``interpret=True``): slow, for tests of its numbers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+BLOCK = 128  # query and key block of the forward kernel; T is padded up to a multiple
+BACKWARD_BLOCK = 32  # the backward kernels' blocks (the kernel's defaults)
+
+
+def segments(valid: jax.Array, group: jax.Array | None) -> jax.Array:
+    """[B, T] segment ids for the kernel: the group (chunk, document) of each real token counted from 1, or 1 for
+    all of a row's real tokens (global layers); 0 for padding."""
+    seg = jnp.ones_like(valid, jnp.int32) if group is None else group - jnp.min(group) + 1
+    return jnp.where(valid, seg, 0).astype(jnp.int32)
+
+
+def flash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float, *,
+                 interpret: bool = False) -> jax.Array:
+    """Causal attention within segments. q [B, T, H, hd]; k, v [B, T, K, hd] (the same T tokens, no cache);
+    segment_ids [B, T] int (0 = padding) -> [B, T, H, hd]. Rows of padding queries are garbage (finite)."""
+    B, T, H, hd = q.shape
+    # Triton blocks are powers of two: a shorter row is padded up to one (at least the backward block).
+    block = BLOCK if T >= BLOCK else max(BACKWARD_BLOCK, 1 << (T - 1).bit_length())
+    pad = -T % block
+    if pad:  # padded slots are a segment of their own (-1): no real query sees them
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    rep = H // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)  # kv head j serves query heads j*rep ...
+    b = BACKWARD_BLOCK
+    sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=b, block_kv_dkv=b, block_q_dq=b,
+                                        block_kv_dq=b)
+    out = pallas_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=True, block_sizes=sizes,
+                               interpret=interpret)
+    return out[:, :T]

@@ -1,0 +1,49 @@
+"""How the hot paths compute, as one setting: the same numbers whichever is chosen, different programs.
+
+    moe          the grouped matmul of the routed experts: "scan" (a tile schedule in plain XLA, everywhere) or
+                 "ragged_dot" (``jax.lax.ragged_dot``: native and sparse on TPU, dense on GPU and CPU)
+    attention    training and prefill attention: "xla" (the blockwise XLA paths of attention.py, everywhere),
+                 "flash" (the fused Pallas kernel of flash.py: GPU), "flash_interpret" (that kernel in Pallas'
+                 interpret mode, for tests on the CPU); decode steps always score the cache in XLA
+    query_block  the XLA path scores at most this many queries at once
+
+``Kernels.for_platform`` picks the defaults of the chip a program is compiled for: what ``l4jax.load``, the trainer
+and ``l4jax plan`` use unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import ConfigError
+from .gmm import IMPLS as MOE_IMPLS
+
+ATTENTION_IMPLS = ("xla", "flash", "flash_interpret")
+# The XLA path scores at most this many queries at once: [B, H, 1024, S] fp32 is 2 GiB for the bench preset at
+# S = 32768, where all T queries at once would need 64 GiB.
+QUERY_BLOCK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    moe: str = "scan"
+    attention: str = "xla"
+    query_block: int = QUERY_BLOCK
+
+    def __post_init__(self):
+        if self.moe not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl: unknown {self.moe!r}; expected one of {MOE_IMPLS}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl: unknown {self.attention!r}; expected one of {ATTENTION_IMPLS} or "
+                              f"'auto'")
+        if isinstance(self.query_block, bool) or not isinstance(self.query_block, int) or self.query_block < 1:
+            raise ConfigError(f"query_block: must be a positive integer, got {self.query_block!r}")
+
+    @classmethod
+    def for_platform(cls, platform: str, *, moe: str = "scan", attention: str = "auto",
+                     query_block: int = QUERY_BLOCK) -> "Kernels":
+        """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``attention="auto"`` is the fused kernel on a GPU and
+        the XLA paths elsewhere."""
+        if attention == "auto":
+            attention = "flash" if platform in ("gpu", "cuda") else "xla"
+        return cls(moe, attention, query_block)
