@@ -1,12 +1,13 @@
 """Inference benchmark: prefill tokens/s and decode ms/step, l4jax against transformers, in one run.
 
-    python bench/decode.py [--config bench] [--prompt 2048] [--new 64] [--batch 1 32] [--dtype bfloat16] [--no-hf]
+    python bench/decode.py [--config bench] [--prompt 2048] [--new 64] [--batch 1 32] [--dtype bfloat16] [--kv-int8]
+                           [--no-hf]
 
 Random weights of the given preset (the ``bench`` preset: hidden 2048, 8 MoE layers, 16 experts top-1, vocab
-202048). Decode is greedy, no stop token, through ``l4jax.infer.generate.stream`` (the real API: one compiled step per
-token with a donated cache). The roofline column divides the bytes of weights a step must read by the measured
-copy bandwidth of the device: attention, norms, router, shared expert and LM head on every step, plus the routed
-experts the batch can touch (min(E, B*k) per MoE layer; an upper bound at large batch).
+202048). Decode is greedy, no stop token, through ``l4jax.infer.generate.stream`` (the real API: a compiled loop of
+up to 32 tokens per device call, with a donated cache). The roofline column divides the bytes a step must read
+(``plan.costs.decode_costs``: every weight a token uses, the routed experts the batch is expected to pick, and the
+cache at its fullest, int8 with its scales for the ``kv int8`` row) by the measured copy bandwidth of the device.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * x.nbytes * 5 / (time.perf_counter() - t)
 
 
-def time_l4jax(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
+def time_l4jax(model, batch: int, prompt: int, new: int, kv_dtype=None) -> tuple[float, float]:
     ids = np.random.default_rng(0).integers(0, model.config.text.vocab_size, size=(batch, prompt))
     for _ in range(2):  # the first run compiles
-        it = stream(model, ids, max_new_tokens=new, stop_tokens=())
+        it = stream(model, ids, max_new_tokens=new, stop_tokens=(), kv_dtype=kv_dtype)
         t0 = time.perf_counter()
         next(it)  # prefill + first token
         t1 = time.perf_counter()
@@ -79,7 +80,8 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--moe-impl", default="scan", choices=["scan", "ragged_dot"])
+    ap.add_argument("--moe-impl", default="auto", choices=["auto", "scan", "ragged_dot"])
+    ap.add_argument("--kv-int8", action="store_true", help="also an l4jax row with the int8 KV cache")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     model = l4jax.init(args.config, dtype=jnp.dtype(args.dtype), moe_impl=args.moe_impl)
@@ -91,12 +93,16 @@ def main():
           f"{'step GB':>8s} {'roofline %':>11s}")
     for b in args.batch:
         # What a step must read: the weights its tokens use and the cache at its fullest (plan/costs.py).
-        nbytes = decode_costs(cfg, batch=b, cache=args.prompt + args.new, itemsize=jnp.dtype(args.dtype).itemsize,
-                              devices=1).bytes
-        rows = [("l4jax", time_l4jax(model, b, args.prompt, args.new))]
+        def step_bytes(kv_int8=False):
+            return decode_costs(cfg, batch=b, cache=args.prompt + args.new, itemsize=jnp.dtype(args.dtype).itemsize,
+                                devices=1, kv_int8=kv_int8).bytes
+
+        rows = [("l4jax", time_l4jax(model, b, args.prompt, args.new), step_bytes())]
+        if args.kv_int8:
+            rows.append(("l4jax kv int8", time_l4jax(model, b, args.prompt, args.new, "int8"), step_bytes(True)))
         if not args.no_hf:
-            rows.append(("transformers", time_hf(args.config, b, args.prompt, args.new, args.dtype)))
-        for name, (pre, ms) in rows:
+            rows.append(("transformers", time_hf(args.config, b, args.prompt, args.new, args.dtype), step_bytes()))
+        for name, (pre, ms), nbytes in rows:
             print(f"{name:14s} {b:5d} {pre:14.0f} {ms:15.2f} {b / ms * 1e3:13.0f} {nbytes / 1e9:8.3f} "
                   f"{nbytes / bw * 1e3 / ms * 100:11.1f}")
 

@@ -78,7 +78,7 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--remat", default="none")
-    ap.add_argument("--moe-impl", default="scan", choices=["scan", "ragged_dot"])
+    ap.add_argument("--moe-impl", default="auto", choices=["auto", "scan", "ragged_dot"])
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     config = l4jax.load_config(args.config)

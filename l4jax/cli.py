@@ -12,13 +12,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from . import tree
 from .checkpoints import hf_import, l4jax_format
 from .checkpoints.hf_import import CheckpointError
-from .config import ConfigError, dtype_name, load_config
+from .config import ConfigError, config_path, dtype_name, load_config, read_document
 from .data.images import ImageProcessor, encode_with_images
 from .data.tokenizer import IMAGE, IncrementalDecoder, Tokenizer, chat_prompt
 from .infer import load
@@ -62,7 +61,18 @@ def _mesh(text: str | None):
     return make_mesh(**parse_mesh(text)) if text else None
 
 
+def _text_argument(text: str, flag: str) -> str:
+    """``text`` as given on the command line, if it is UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{flag}: not UTF-8 text (byte {e.object[e.start].encode('utf-8', 'surrogateescape')!r} at "
+                         f"character {e.start})") from None
+    return text
+
+
 def _generate(args) -> int:
+    args.prompt = _text_argument(args.prompt, "--prompt")
     dtype = None if args.dtype is None else dtype_name(args.dtype, "--dtype", ("float32", "bfloat16"))
     images = args.image or []
     model = load(args.model, dtype=dtype, mesh=_mesh(args.mesh), vision=bool(images))  # the tower only with images
@@ -81,7 +91,8 @@ def _generate(args) -> int:
     decoder = IncrementalDecoder(tok, skip_special_tokens=True)
     for token in stream(model, np.asarray([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        stop_tokens=tok.stop_ids() or None, pixel_values=pixels):
+                        stop_tokens=tok.stop_ids() or None, pixel_values=pixels,
+                        kv_dtype="int8" if args.kv_int8 else None):
         sys.stdout.write(decoder.push(int(token[0])))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
@@ -90,6 +101,12 @@ def _generate(args) -> int:
 
 def _convert(args) -> int:
     src = Path(args.from_hf)
+    if l4jax_format.is_checkpoint(src):
+        raise ValueError(f"--from-hf {src}: already an l4jax checkpoint (l4jax.load and l4jax generate read it as "
+                         "it is; there is nothing to convert)")
+    if not src.is_dir():
+        raise ValueError(f"--from-hf {src}: {'not a folder' if src.exists() else 'no such folder'} (an HF model "
+                         "folder holds config.json and *.safetensors)")
     cfg = load_config(src)
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
@@ -127,7 +144,7 @@ def _plan(args) -> int:
     target = parse_target(args.target)
     req = Request(args.task, batch=args.batch, seq=args.seq, cache=args.cache,
                   mesh=parse_mesh(args.mesh) if args.mesh else {}, dtype=args.dtype, remat=args.remat,
-                  moe_impl=args.moe_impl)
+                  moe_impl=args.moe_impl, kv_int8=args.kv_int8)
     result, planned = plan(load_config(args.model), target, req)
     print(to_json(result, target, args.model, planned) if args.json else to_text(result, target, args.model, planned))
     if args.dump_hlo:
@@ -153,9 +170,8 @@ def _devices_wanted(argv: list[str]) -> int:
             return 1  # reported when the command parses its arguments
     elif "--config" in argv and argv.index("--config") + 1 < len(argv):
         try:
-            doc = yaml.safe_load(open(argv[argv.index("--config") + 1])) or {}
-            mesh = (doc.get("train") or {}).get("mesh")
-        except (OSError, yaml.YAMLError, AttributeError):
+            mesh = (read_document(config_path(argv[argv.index("--config") + 1])).get("train") or {}).get("mesh")
+        except (ConfigError, AttributeError):
             return 1  # the real error is reported when the config is loaded
     n = 1
     for size in (mesh or {}).values():
@@ -195,6 +211,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--mesh", default=None, help="e.g. data=1,expert=2,tensor=4 (product = device count)")
     gen.add_argument("--dtype", default=None, help="bf16 or fp32 (default: the checkpoint's)")
+    gen.add_argument("--kv-int8", action="store_true", help="an int8 KV cache (a scale per token and kv head): "
+                                                            "half the cache memory of bf16")
     gen.set_defaults(run=_generate)
 
 
@@ -226,7 +244,8 @@ def _add_plan(sub) -> None:
     pl.add_argument("--dtype", default="bfloat16", help="bf16 or fp32: training's compute dtype (fp32 masters), "
                                                         "inference's weights")
     pl.add_argument("--remat", default="none", help="training: none, full, dots, dots_no_batch")
-    pl.add_argument("--moe-impl", default="scan", choices=IMPLS)
+    pl.add_argument("--moe-impl", default="auto", choices=("auto",) + IMPLS)
+    pl.add_argument("--kv-int8", action="store_true", help="prefill and decode: an int8 KV cache")
     pl.add_argument("--json", action="store_true", help="one JSON object (fields: l4jax/plan/planner.py)")
     pl.add_argument("--dump-hlo", default=None, metavar="FILE", help="write the optimized program's text here")
     pl.set_defaults(run=_plan)
@@ -244,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, PlanError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"l4jax: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every writer renames complete work into place, so an interrupt leaves only whole files behind.
+        what = "; the run's checkpoints are kept: continue with --resume" if args.command == "train" else ""
+        print(f"l4jax {args.command}: interrupted{what}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

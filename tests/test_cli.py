@@ -1,13 +1,17 @@
 """The l4jax command line, end to end on a tiny checkpoint with its own tokenizer."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from l4jax import cli
 from l4jax.cli import main
 from l4jax.parallel import parse_mesh
 from l4jax.data.tokenizer import Tokenizer, chat_prompt
@@ -75,3 +79,43 @@ def test_generate_with_a_mesh_on_a_cpu_only_machine(folder):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == hf_text(model, Tokenizer(path), "hello world", 8) + "\n"
+
+
+def test_bad_prompt_bytes_and_token_counts_are_one_line_errors(folder, capsys):
+    path, _ = folder
+    assert main(["generate", "--model", str(path), "--prompt", os.fsdecode(b"caf\xe9 au lait")]) == 2
+    assert capsys.readouterr().err == "l4jax: --prompt: not UTF-8 text (byte b'\\xe9' at character 3)\n"
+    assert main(["generate", "--model", str(path), "--prompt", "hello", "--max-new-tokens", "-5"]) == 2
+    assert capsys.readouterr().err == "l4jax: max_new_tokens: must be a positive integer, got -5\n"
+
+
+def test_ctrl_c_is_exit_130_with_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert main(["train", "--config", "configs/tiny.yaml"]) == 130
+    assert capsys.readouterr().err == ("l4jax train: interrupted; the run's checkpoints are kept: continue with "
+                                       "--resume\n")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_then_resume(tmp_path):
+    """A real SIGINT while the main job trains: exit 130, one line, no traceback; --resume then finishes the run."""
+    repo, env = Path(__file__).resolve().parents[1], {**os.environ, "XLA_FLAGS": ""}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "l4jax.cli", "train", "--config", "configs/tiny.yaml", "--steps", "40", "--out",
+           str(out)]
+    proc = subprocess.Popen(cmd + [], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo)
+    deadline = time.time() + 600
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.rstrip().endswith("interrupted; the run's checkpoints are kept: continue "
+                                                             "with --resume")
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=repo, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "model").is_dir()

@@ -4,11 +4,13 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 from transformers import Llama4TextConfig
 
 import l4jax
 from l4jax import tree
-from l4jax.config import ConfigError, TextConfig, load_config
+from l4jax.config import PRESET_DIR, ConfigError, TextConfig, load_config
+from l4jax.train.settings import TrainConfig
 from l4jax.infer.load import abstract_model
 
 VISION = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
@@ -114,6 +116,10 @@ def test_presets_match_reference_parameter_counts():
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(floor_scale=0), "floor_scale"),
+    (dict(floor_scale="abc"), r"TextConfig.floor_scale: must be a number, got 'abc'"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": "x", "low_freq_factor": 1, "high_freq_factor": 4,
+                        "original_max_position_embeddings": 64}), r"rope_scaling.factor: must be a number"),
+    (dict(vocab_size=None), r"TextConfig.vocab_size: must be a positive integer, got None"),
 ])
 def test_errors_name_the_field(change, field):
     with pytest.raises(ConfigError, match=field):
@@ -124,7 +130,40 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="no config at"):
         load_config(tmp_path / "missing")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="bad.json: cannot parse"):
+    with pytest.raises(ConfigError, match="bad.json: cannot read the config"):
         load_config(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="text_config"):
         load_config({"model_type": "llama4"})
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({}, r"config.json: Llama4Config.model_type: missing; expected one of \('llama4', 'llama4_text'\)"),
+    ({"model_type": "gpt2", "n_embd": 768}, r"config.json: Llama4Config.model_type: 'gpt2' is not a Llama 4 model"),
+    ({"model_type": "llama4_text", "vocab_size": 32}, r"config.json: TextConfig: missing required fields "
+                                                       r"\['hidden_size', 'num_hidden_layers'"),
+    ({"model_type": "llama4", "text_config": {"model_type": "llama4_text"}}, "missing required fields"),
+])
+def test_config_json_that_is_not_a_llama4_config(tmp_path, doc, message):
+    """Empty, another model's, or missing what it must state: never a Scout-sized default model."""
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path)
+
+
+def test_yaml_keys_are_checked_and_json_extras_are_not(tmp_path):
+    tiny = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**tiny, "hidden_sise": 256}))
+    with pytest.raises(ConfigError, match=r"typo.yaml: TextConfig.hidden_sise: unknown field; did you mean "
+                                          r"'hidden_size'\?"):
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({**tiny, "train": {**tiny["train"], "stpes": 3}}))
+    with pytest.raises(ConfigError, match=r"train.yaml: train.stpes: unknown field; did you mean 'steps'\?"):
+        TrainConfig.from_yaml(tmp_path / "train.yaml")
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump({**tiny, "train": {"lora": {"rnk": 4}}}))
+    with pytest.raises(ConfigError, match=r"train.lora.rnk: unknown field; did you mean 'rank'\?"):
+        TrainConfig.from_yaml(tmp_path / "lora.yaml")
+    # An HF config.json carries keys of its own (and later transformers versions add more): read, not refused.
+    hf = {k: v for k, v in tiny.items() if k != "train"}
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "some_future_field": 1, "architectures": ["X"]}))
+    assert load_config(tmp_path) == load_config("tiny")
+    assert TrainConfig.from_yaml("tiny").steps == tiny["train"]["steps"]  # presets by name too

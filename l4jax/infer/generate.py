@@ -76,14 +76,32 @@ def _decode(module, params, state: Decoding, mask, stop, pad, limit, *, n: int, 
     return tokens, i, state
 
 
+KV_DTYPES = ("int8", "bfloat16", "float32")
+
+
+def _cache_dtype(kv_dtype, model_dtype) -> jnp.dtype:
+    if kv_dtype is None:
+        return jnp.dtype(model_dtype)
+    try:
+        name = jnp.dtype(kv_dtype).name
+    except TypeError:
+        name = None
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype: expected one of {KV_DTYPES} or None (the model's), got {kv_dtype!r}")
+    return jnp.dtype(name)
+
+
 def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int = 0,
            stop_tokens: Sequence[int] | None = None, max_length: int | None = None,
-           pixel_values=None) -> Iterator[np.ndarray]:
+           pixel_values=None, kv_dtype=None) -> Iterator[np.ndarray]:
     """Yield the next token of every row, [B] int, as soon as it is made (the device makes them a chunk at a
     time: the first alone, then up to ``DECODE_CHUNK``). Arguments as ``generate``."""
     cfg = model.config.text
+    cache_dtype = _cache_dtype(kv_dtype, model.dtype)
     ids, mask = check_tokens(input_ids, attention_mask, cfg.vocab_size, prompt=True)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
     stop = tuple(cfg.eos_token_id if stop_tokens is None else stop_tokens)
     bad = [t for t in stop if not 0 <= int(t) < cfg.vocab_size]
     if bad:
@@ -93,8 +111,6 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
     if T >= max_length:
         raise ValueError(f"input_ids: prompt length {T} leaves no room under max_length {max_length}")
     new = min(max_new_tokens, max_length - T)
-    if new <= 0:
-        return
     # Early fusion on the unpadded batch (the image tiles belong to its rows), checked against the prompt first.
     embeds = None if pixel_values is None else model.embed_images(ids, pixel_values)
     # The batch axes must divide the batch: extra rows (all padding, done from the start) are never yielded.
@@ -102,7 +118,7 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
     if embeds is not None:
         (embeds,), _ = pad_batch(model.mesh, embeds)
     full_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, new)), constant_values=1))
-    cache = KVCache.init(cfg, ids.shape[0], T + new, model.dtype, model.part)
+    cache = KVCache.init(cfg, ids.shape[0], T + new, cache_dtype, model.part)
     logits, cache = _prefill(model.module, model.params, Inputs(jnp.asarray(ids), full_mask, embeds=embeds), cache)
     state = Decoding(logits, jax.random.key(seed), cache, jnp.arange(ids.shape[0]) >= B)
     pad = jnp.int32(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
@@ -123,18 +139,20 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, max_length: int | None = None,
-             callback: Callable[[np.ndarray], None] | None = None, pixel_values=None) -> np.ndarray:
+             callback: Callable[[np.ndarray], None] | None = None, pixel_values=None, kv_dtype=None) -> np.ndarray:
     """Prompt [B, T] (left-padded, attention_mask 0 on padding) -> [B, T + new] tokens.
 
     temperature 0 is greedy; top_k / top_p filter before sampling; ``seed`` makes sampling reproducible.
     ``stop_tokens`` default to the config's eos ids; a row that emits one is padded afterwards, and generation ends
     when every row has stopped. ``callback`` receives each step's [B] tokens as they are made. ``pixel_values``
-    [N, C, S, S] are the image tiles of all rows in prompt order (see ``Model.__call__``).
+    [N, C, S, S] are the image tiles of all rows in prompt order (see ``Model.__call__``). ``kv_dtype``: the KV
+    cache's, default the model's; "int8" stores k and v as int8 with a scale per token and kv head (half the bytes
+    of bf16; see ``l4jax.model.cache``).
     """
     steps = []
     for token in stream(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, max_length=max_length,
-                        pixel_values=pixel_values):
+                        pixel_values=pixel_values, kv_dtype=kv_dtype):
         steps.append(token)
         if callback is not None:
             callback(token)

@@ -45,7 +45,7 @@ def _split(config: Llama4Config, params: dict) -> tuple[dict, dict | None]:
 
 
 def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: int = 0, mesh=None,
-         moe_impl: str = "scan", attention_impl: str = "auto", vision: bool | None = None) -> Model:
+         moe_impl: str = "auto", attention_impl: str = "auto", vision: bool | None = None) -> Model:
     """Random weights (normal, std 0.02; norms at 1), created directly in their shardings when a mesh is given.
 
     With a mesh the initialiser is one jit whose outputs are the parameter shardings: the partitioner splits the
@@ -72,7 +72,7 @@ def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: in
                  vision_params=vision_params)
 
 
-def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "scan", attention_impl: str = "auto",
+def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", attention_impl: str = "auto",
          vision: bool | None = None) -> Model:
     """Load an HF Llama 4 folder (config.json + safetensors, single or sharded) or an l4jax checkpoint written by
     ``l4jax convert``.

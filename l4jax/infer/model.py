@@ -34,7 +34,7 @@ class Model:
     ``l4jax.model.kernels``), and ``__call__(ids, mask, pixel_values) -> logits``.
     """
 
-    def __init__(self, config: Llama4Config, params, *, dtype=jnp.float32, mesh=None, moe_impl: str = "scan",
+    def __init__(self, config: Llama4Config, params, *, dtype=jnp.float32, mesh=None, moe_impl: str = "auto",
                  attention_impl: str = "auto", vision_params=None):
         kernels = Kernels.for_platform(platform(mesh), moe=moe_impl, attention=attention_impl)
         if vision_params is not None and config.vision is None:
@@ -105,7 +105,8 @@ class Model:
         again after. With several processes the logits are a global array: ``l4jax.parallel.distributed.to_numpy``
         gathers them.
         """
-        ids, mask = check_tokens(input_ids, attention_mask, self.config.text.vocab_size)
+        ids, mask = check_tokens(input_ids, attention_mask, self.config.text.vocab_size,
+                                 max_len=self.config.text.max_position_embeddings)
         px = None if pixel_values is None else self.check_images(ids, pixel_values)
         filler = int(self.config.image_token_index == 0)  # padding rows must hold no image token
         (ids,), B = pad_batch(self.mesh, ids, fill=filler)
@@ -120,13 +121,13 @@ class Model:
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=None,
-                 max_length: int | None = None, callback=None, pixel_values=None) -> np.ndarray:
+                 max_length: int | None = None, callback=None, pixel_values=None, kv_dtype=None) -> np.ndarray:
         """[B, T] prompt (left-padded) -> [B, T + new] tokens; ``pixel_values`` as in ``__call__`` (they enter
-        the prefill only). See ``l4jax.infer.generate.generate``."""
+        the prefill only); ``kv_dtype="int8"`` for a quantized cache. See ``l4jax.infer.generate.generate``."""
         return generation.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                    stop_tokens=stop_tokens, max_length=max_length, callback=callback,
-                                   pixel_values=pixel_values)
+                                   pixel_values=pixel_values, kv_dtype=kv_dtype)
 
     def save(self, path: str | Path, *, side_files_from: str | Path | None = None, overwrite: bool = False) -> Path:
         """Write the parameters (vision tower included, when loaded) as an l4jax (Orbax) checkpoint, one tensor at

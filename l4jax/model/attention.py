@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from ..config import TextConfig
 from .axes import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
                    Partitioning)
-from .cache import as_keys, cached_slots, write
+from .cache import LayerKV, as_keys, cached_slots, write
 from .flash import flash_attend, segments
 from .kernels import Kernels
 from .layers import param, project, rms_normalize
@@ -36,21 +36,26 @@ from .rope import apply_rope
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, k_axes: str = "bskd",
-           v_axes: str = "bskd") -> jax.Array:
+           v_axes: str = "bskd", k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T * scale + mask) v with GQA.
 
     q [B, T, H, hd]; k, v [B, S, K, hd], or laid out as ``k_axes``, ``v_axes`` say (the KV cache's are "bksd" and
-    "bkds"); mask [B, T, S] bool. Query head h reads kv head h // (H/K). The softmax is taken in fp32 (the
-    reference's eager path keeps the input dtype; identical in fp32). Rows with no visible key (padding queries)
-    give finite garbage, never NaN.
+    "bkds"); mask [B, T, S] bool; k_scale, v_scale [B, K, S]: an int8 cache's per-key scales, applied to the scores
+    and to the probabilities (k and v then hold the int8 values in q's dtype). Query head h reads kv head
+    h // (H/K). The softmax is taken in fp32 (the reference's eager path keeps the input dtype; identical in fp32).
+    Rows with no visible key (padding queries) give finite garbage, never NaN.
     """
     B, T, H, hd = q.shape
     K = k.shape[k_axes.index("k")]
     qg = q.reshape(B, T, K, H // K, hd)
     scores = jnp.einsum(f"btkgd,{k_axes}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, None]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{v_axes}->btkgd", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, None]
+    out = jnp.einsum(f"bkgts,{v_axes}->btkgd", probs.astype(v.dtype), v)
     return out.reshape(B, T, H, hd)
 
 
@@ -188,8 +193,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: Context,
-                 kv: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, tuple | None]:
-        """x [B, T, D]; ``kv`` = this layer's cache (k [B, K, L, hd], v [B, K, hd, L]) or None -> (out [B, T, D],
+                 kv: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
+        """x [B, T, D]; ``kv`` = this layer's cache (``LayerKV``) or None -> (out [B, T, D],
         the cache with these tokens written). Keys are the cached entries and the fresh ones, so prefill, decode
         and a plain forward are the same code."""
         cfg, part = self.cfg, self.part
@@ -219,15 +224,16 @@ class Attention(nn.Module):
         """Scores q against the cache and the fresh k, v through whichever path scores fewest pairs; returns (out,
         the cache with the fresh tokens written)."""
         scale = self.cfg.head_dim ** -0.5
-        if kv is not None and not ctx.cache_empty and k.shape[1] <= kv[0].shape[2]:
+        if kv is not None and not ctx.cache_empty and k.shape[1] <= kv.length:
             # Decoding: the fresh tokens fit in the cache, so write them first and score the cache alone, with no
             # concatenation of cache and fresh keys (which XLA would then copy to write the cache in place).
-            kv = write(*kv, k, v, ctx.q_index)
-            slots = cached_slots(kv[0].shape[2], ctx.q_index[0, 0] + k.shape[1])[None]
+            kv = write(kv, k, v, ctx.q_index)
+            slots = cached_slots(kv.length, ctx.q_index[0, 0] + k.shape[1])[None]
             c_valid, c_group = self._cached(slots, ctx, chunk)
             q_group = None if chunk is None else chunk_ids(ctx.q_index, ctx.left_pad, chunk)
             mask = visible(ctx.q_index, slots, c_valid, q_group, c_group)
-            return attend(q, kv[0].astype(k.dtype), kv[1].astype(v.dtype), mask, scale, "bksd", "bkds"), kv
+            return attend(q, kv.k.astype(k.dtype), kv.v.astype(v.dtype), mask, scale, "bksd", "bkds",
+                          kv.k_scale, kv.v_scale), kv
         # Per key: its slot, whether it may be seen at all, and its group (chunk and/or document; None = global).
         if ctx.segment_ids is not None:
             k_valid, group = ctx.segment_ids > 0, document_groups(ctx.segment_ids, ctx.doc_positions, chunk)
@@ -237,10 +243,10 @@ class Attention(nn.Module):
         past, L = None, 0
         if kv is not None:
             if not ctx.cache_empty:  # a prompt in pieces: this piece also sees what the cache held before it
-                L = kv[0].shape[2]
+                L = kv.length
                 slots = cached_slots(L, ctx.q_index[0, 0])[None]
-                past = (*as_keys(*kv, k.dtype), slots, *self._cached(slots, ctx, chunk))
-            kv = write(*kv, k, v, ctx.q_index)
+                past = (*as_keys(kv, k.dtype), slots, *self._cached(slots, ctx, chunk))
+            kv = write(kv, k, v, ctx.q_index)
         if past is None and self.kernels.attention != "xla" and k.shape[1] > 1:
             return flash_attend(q, k, v, segments(k_valid, group), scale,
                                 interpret=self.kernels.attention == "flash_interpret"), kv

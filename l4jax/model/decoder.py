@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from ..config import TextConfig
 from .attention import Attention, Context
 from .axes import ACT_EMBED, ACT_VOCAB, BATCH, EMBED, LAYERS, LENGTH, VOCAB, Partitioning
-from .cache import KVCache
+from .cache import KVCache, LayerKV
 from .kernels import Kernels
 from .layers import MLP, RMSNorm, param
 from .masks import left_padding, positions_from_mask, segment_positions
@@ -100,7 +100,7 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, ctx: Context, kv: tuple | None = None) -> tuple[jax.Array, tuple | None]:
+    def __call__(self, x: jax.Array, ctx: Context, kv: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
         """x [B, T, D] -> (x [B, T, D], this layer's cache with the tokens written, or None)."""
         cfg, kw = self.cfg, dict(part=self.part, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_norm")(x)
@@ -219,15 +219,13 @@ class Llama4Text(nn.Module):
             x, _ = scanned(cfg, name="blocks", **kw)(x, ctx)
             return x, None
         layer = DecoderLayer if self.remat == "none" else nn.remat(DecoderLayer, policy=policy)
-        ks, vs = [], []
+        written = []
         for i in range(cfg.num_hidden_layers):
             x, kv = layer(cfg, i, name=f"layers_{i}", **kw)(x, ctx, None if cache is None else cache.layer(i))
-            if cache is not None:
-                ks.append(self.part.constrain(kv[0], KVCache.AXES))
-                vs.append(self.part.constrain(kv[1], KVCache.AXES))
+            written.append(kv)
         if cache is None:
             return x, None
-        return x, KVCache(tuple(ks), tuple(vs), cache.pos + x.shape[1], empty=False)
+        return x, KVCache.of_layers(written, cache.pos + x.shape[1], self.part)
 
 
 def init_params(module: Llama4Text, key: jax.Array) -> dict:

@@ -1,7 +1,8 @@
 """How the hot paths compute, as one setting: the same numbers whichever is chosen, different programs.
 
     moe          the grouped matmul of the routed experts: "scan" (a tile schedule in plain XLA, everywhere) or
-                 "ragged_dot" (``jax.lax.ragged_dot``: native and sparse on TPU, dense on GPU and CPU)
+                 "ragged_dot" (``jax.lax.ragged_dot``: native and sparse on TPU, dense on GPU and CPU); the small
+                 batches of decoding take a gathered or a dense path whichever this says (moe.py)
     attention    training and prefill attention: "xla" (the blockwise XLA paths of attention.py, everywhere),
                  "flash" (the fused Pallas kernel of flash.py: GPU), "flash_interpret" (that kernel in Pallas'
                  interpret mode, for tests on the CPU); decode steps always score the cache in XLA
@@ -32,7 +33,7 @@ class Kernels:
 
     def __post_init__(self):
         if self.moe not in MOE_IMPLS:
-            raise ConfigError(f"moe_impl: unknown {self.moe!r}; expected one of {MOE_IMPLS}")
+            raise ConfigError(f"moe_impl: unknown {self.moe!r}; expected one of {MOE_IMPLS} or 'auto'")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl: unknown {self.attention!r}; expected one of {ATTENTION_IMPLS} or "
                               f"'auto'")
@@ -40,10 +41,12 @@ class Kernels:
             raise ConfigError(f"query_block: must be a positive integer, got {self.query_block!r}")
 
     @classmethod
-    def for_platform(cls, platform: str, *, moe: str = "scan", attention: str = "auto",
+    def for_platform(cls, platform: str, *, moe: str = "auto", attention: str = "auto",
                      query_block: int = QUERY_BLOCK) -> "Kernels":
-        """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``attention="auto"`` is the fused kernel on a GPU and
-        the XLA paths elsewhere."""
+        """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``moe="auto"`` is the native ragged dot on a TPU and
+        the tile schedule elsewhere; ``attention="auto"`` the fused kernel on a GPU and the XLA paths elsewhere."""
+        if moe == "auto":
+            moe = "ragged_dot" if platform == "tpu" else "scan"
         if attention == "auto":
             attention = "flash" if platform in ("gpu", "cuda") else "xla"
         return cls(moe, attention, query_block)

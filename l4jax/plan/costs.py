@@ -55,10 +55,11 @@ def experts_touched(cfg: TextConfig, tokens: int) -> float:
     return E * (1 - (1 - k / E) ** tokens)
 
 
-def cache_bytes(cfg: TextConfig, batch: int, slots: int, itemsize: int) -> int:
-    """Bytes of a KV cache of ``slots`` slots (chunked layers keep a ring of one chunk)."""
-    return sum(2 * batch * n * cfg.num_key_value_heads * cfg.head_dim * itemsize
-               for n in KVCache.lengths(cfg, slots))
+def cache_bytes(cfg: TextConfig, batch: int, slots: int, itemsize: int, scales: bool = False) -> int:
+    """Bytes of a KV cache of ``slots`` slots (chunked layers keep a ring of one chunk); ``scales``: an int8
+    cache's fp32 scale per token and kv head, for k and for v."""
+    per_slot = cfg.head_dim * itemsize + (4 if scales else 0)
+    return sum(2 * batch * n * cfg.num_key_value_heads * per_slot for n in KVCache.lengths(cfg, slots))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +85,17 @@ def train_costs(cfg: TextConfig, *, batch: int, seq: int, param_bytes: int, comp
     return Costs(train_flops_per_token(cfg, seq) * batch * seq, n * (6 * param_bytes + 2 * compute_bytes), devices)
 
 
-def prefill_costs(cfg: TextConfig, *, batch: int, seq: int, cache: int, itemsize: int, devices: int) -> Costs:
+def prefill_costs(cfg: TextConfig, *, batch: int, seq: int, cache: int, itemsize: int, devices: int,
+                  kv_int8: bool = False) -> Costs:
     """The prompt's forward: every weight read once (a long prompt picks every expert), the cache written."""
     read = weights(cfg).read(experts_touched(cfg, batch * seq))
-    return Costs(forward_flops_per_token(cfg, seq) * batch * seq,
-                 read * itemsize + cache_bytes(cfg, batch, cache, itemsize), devices)
+    kv = cache_bytes(cfg, batch, cache, 1, scales=True) if kv_int8 else cache_bytes(cfg, batch, cache, itemsize)
+    return Costs(forward_flops_per_token(cfg, seq) * batch * seq, read * itemsize + kv, devices)
 
 
-def decode_costs(cfg: TextConfig, *, batch: int, cache: int, itemsize: int, devices: int) -> Costs:
+def decode_costs(cfg: TextConfig, *, batch: int, cache: int, itemsize: int, devices: int,
+                 kv_int8: bool = False) -> Costs:
     """One token per row after a full cache: the weights of the experts picked and the whole cache read."""
     read = weights(cfg).read(experts_touched(cfg, batch))
-    return Costs(decode_flops_per_token(cfg, cache - 1) * batch,
-                 read * itemsize + cache_bytes(cfg, batch, cache, itemsize), devices)
+    kv = cache_bytes(cfg, batch, cache, 1, scales=True) if kv_int8 else cache_bytes(cfg, batch, cache, itemsize)
+    return Costs(decode_flops_per_token(cfg, cache - 1) * batch, read * itemsize + kv, devices)

@@ -40,7 +40,8 @@ class Request:
     mesh: dict = dataclasses.field(default_factory=dict)
     dtype: str = "bfloat16"  # train: the compute dtype (master weights float32); inference: weights and compute
     remat: str = "none"
-    moe_impl: str = "scan"
+    moe_impl: str = "auto"
+    kv_int8: bool = False  # prefill and decode: an int8 KV cache
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -49,6 +50,8 @@ class Request:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise PlanError(f"--{name}: must be a positive integer, got {v!r}")
+        if self.kv_int8 and self.task == "train":
+            raise PlanError("--kv-int8: an inference cache setting (tasks prefill and decode), not for train")
         object.__setattr__(self, "dtype", dtype_name(self.dtype, "--dtype", ("float32", "bfloat16")))
 
 
@@ -60,7 +63,7 @@ def plan(config: Llama4Config, target: Target, req: Request) -> tuple[Plan, dict
                         f"{target.devices}), e.g. fsdp={target.devices} to train or expert=... ,tensor=... to serve")
     mesh = make_mesh(**req.mesh, devices=target.device_list())
     cfg, itemsize = config.text, jnp.dtype(req.dtype).itemsize
-    cache = req.cache or req.seq
+    cache, kv_dtype = req.cache or req.seq, jnp.int8 if req.kv_int8 else None
     if req.task == "train":
         tc = TrainConfig(seq_len=req.seq, batch_size=req.batch, compute_dtype=req.dtype, remat=req.remat,
                          moe_impl=req.moe_impl)
@@ -69,15 +72,18 @@ def plan(config: Llama4Config, target: Target, req: Request) -> tuple[Plan, dict
                                      devices=target.devices)
     elif req.task == "prefill":
         program = prefill_program(config, mesh, batch=req.batch, seq=req.seq, cache=cache, dtype=req.dtype,
-                                  moe_impl=req.moe_impl)
+                                  moe_impl=req.moe_impl, kv_dtype=kv_dtype)
         cost = costs_lib.prefill_costs(cfg, batch=req.batch, seq=req.seq, cache=cache, itemsize=itemsize,
-                                       devices=target.devices)
+                                       devices=target.devices, kv_int8=req.kv_int8)
     else:
-        program = decode_program(config, mesh, batch=req.batch, cache=cache, dtype=req.dtype, moe_impl=req.moe_impl)
-        cost = costs_lib.decode_costs(cfg, batch=req.batch, cache=cache, itemsize=itemsize, devices=target.devices)
+        program = decode_program(config, mesh, batch=req.batch, cache=cache, dtype=req.dtype, moe_impl=req.moe_impl,
+                                 kv_dtype=kv_dtype)
+        cost = costs_lib.decode_costs(cfg, batch=req.batch, cache=cache, itemsize=itemsize, devices=target.devices,
+                                      kv_int8=req.kv_int8)
     shapes = {"batch": req.batch, "seq": req.seq if req.task != "decode" else 1, "cache": None if req.task == "train"
               else cache, "dtype": req.dtype, "remat": req.remat if req.task == "train" else None,
-              "moe_impl": req.moe_impl}
+              "moe_impl": req.moe_impl, "kv_dtype": None if req.task == "train" else "int8" if req.kv_int8
+              else req.dtype}
     return compile_plan(program, target, cost), {"task": req.task, "mesh": dict(mesh.shape), "shapes": shapes}
 
 

@@ -66,8 +66,9 @@ def _inference(config: Llama4Config, mesh, dtype, moe_impl: str):
 
 
 def prefill_program(config: Llama4Config, mesh, *, batch: int, seq: int, cache: int, dtype=jnp.bfloat16,
-                    moe_impl: str = "scan") -> Program:
-    """``generate``'s prefill: a [batch, seq] prompt into an empty cache of ``cache`` slots."""
+                    moe_impl: str = "auto", kv_dtype=None) -> Program:
+    """``generate``'s prefill: a [batch, seq] prompt into an empty cache of ``cache`` slots (of ``kv_dtype``,
+    default ``dtype``)."""
     _check_batch(batch, mesh)
     if cache < seq:
         raise ShardingError(f"--cache {cache} is shorter than the prompt --seq {seq}")
@@ -75,22 +76,25 @@ def prefill_program(config: Llama4Config, mesh, *, batch: int, seq: int, cache: 
     tokens = part.sharding((BATCH, LENGTH))
     inputs = Inputs(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tokens),
                     jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens))
-    return Program(_prefill, (module, params, inputs, KVCache.abstract(config.text, batch, cache, dtype, part)))
+    kv = KVCache.abstract(config.text, batch, cache, kv_dtype or dtype, part)
+    return Program(_prefill, (module, params, inputs, kv))
 
 
 def decode_program(config: Llama4Config, mesh, *, batch: int, cache: int, dtype=jnp.bfloat16,
-                   moe_impl: str = "scan", chunk: int = DECODE_CHUNK) -> Program:
+                   moe_impl: str = "auto", chunk: int = DECODE_CHUNK, kv_dtype=None) -> Program:
     """``generate``'s decode loop (greedy): up to ``chunk`` tokens per row in one call, onto a cache of ``cache``
-    slots. The program's memory is the loop's; per-token figures (FLOPs, bytes) are one trip's."""
+    slots (of ``kv_dtype``, default ``dtype``). The program's memory is the loop's; per-token figures (FLOPs,
+    bytes) are one trip's."""
     _check_batch(batch, mesh)
     module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl)
     whole = NamedSharding(mesh, P())
     rows, tokens = part.sharding((BATCH,)), part.sharding((BATCH, LENGTH))
     key = jax.eval_shape(lambda: jax.random.key(0))
+    kv = dataclasses.replace(KVCache.abstract(config.text, batch, cache, kv_dtype or dtype, part), empty=False)
     state = Decoding(jax.ShapeDtypeStruct((batch, config.text.vocab_size), jnp.float32,
                                           sharding=part.sharding((BATCH, ACT_VOCAB))),
                      jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole),
-                     dataclasses.replace(KVCache.abstract(config.text, batch, cache, dtype, part), empty=False),
+                     kv,
                      jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows))
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
     args = (module, params, state, jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens),

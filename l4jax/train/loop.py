@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def _start(trainer: Trainer, ckpts: Checkpoints, meta: dict, resume: bool) -> tu
     del base
     if start is not None:
         state = ckpts.restore(start, trainer.abstract_state(), meta)
+    elif resume:
+        print(f"l4jax train: --resume: no checkpoint in {ckpts.directory} yet, so the run starts from step 0",
+              file=sys.stderr, flush=True)
     return state, frozen
 
 
@@ -106,23 +110,24 @@ def _loop(trainer: Trainer, ds, ckpts: Checkpoints, meta: dict, state: dict, fro
     tc = trainer.tc
     step = int(jax.device_get(state["step"]))
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
-    last, pending = {}, None
+    last, pending, saved = {}, None, ckpts.latest()
     while step < end:
         state, m = trainer.step(state, frozen, ds.batch(step))
         step += 1
         # Check the previous step while this one runs (keeps dispatch asynchronous), and always before saving.
         if pending is not None:
-            last = _check(*pending)
+            last = _check(*pending, saved)
         pending = (step, m)
         if step % tc.save_every == 0 or step == end:
-            last, pending = _check(*pending), None
+            last, pending = _check(*pending, saved), None
             ckpts.save(step, state, meta, force=step == end)
+            saved = step
         if step % tc.log_every == 0 or step == end:
             if pending is not None:
-                last, pending = _check(*pending), None
+                last, pending = _check(*pending, saved), None
             log.write(step, last)
     if pending is not None:
-        last = _check(*pending)
+        last = _check(*pending, saved)
     return state, last, step
 
 
@@ -161,13 +166,16 @@ class _Log:
             self.bar.close()
 
 
-def _check(step: int, m: dict) -> dict:
+def _check(step: int, m: dict, saved: int | None) -> dict:
+    """Step ``step``'s metrics as floats; a non-finite step stops the run, saying what ``saved`` (the last
+    checkpoint's step, or None) leaves to resume from."""
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     m["params_finite"] = bool(m["params_finite"])
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["params_finite"]):
+        kept = ("no checkpoint was saved before it (nothing to resume: lower the learning rate and start again)"
+                if saved is None else f"the checkpoint of step {saved} is kept (resume with --resume)")
         raise TrainingError(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']}, weights after the "
-                            f"update {'finite' if m['params_finite'] else 'NOT finite'}: training stopped; the last "
-                            "checkpoint saved before this step is kept (resume with --resume)")
+                            f"update {'finite' if m['params_finite'] else 'NOT finite'}: training stopped; {kept}")
     return m
 
 

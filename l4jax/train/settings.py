@@ -10,9 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from ..config import ConfigError, dtype_name
+from ..config import ConfigError, config_path, dtype_name, read_document, reject_unknown
 from ..model.decoder import REMAT_POLICIES
 from ..model.kernels import QUERY_BLOCK, Kernels
 from .lora import LoraConfig, LoraError
@@ -46,7 +44,7 @@ class TrainConfig:
     param_dtype: str = "float32"         # ... with fp32 master weights when this stays float32
     scan: bool = True
     remat: str = "none"                  # see model.decoder.REMAT_POLICIES
-    moe_impl: str = "scan"               # see model/kernels.py
+    moe_impl: str = "auto"               # see model/kernels.py
     attention_impl: str = "auto"         # "auto": the fused kernel on a GPU, the XLA paths elsewhere
     query_block: int = QUERY_BLOCK       # the XLA attention path scores at most this many queries at once
     # optional router terms (the reference trains without them)
@@ -73,6 +71,10 @@ class TrainConfig:
             fail("seq_len", f"must be at least 2, got {self.seq_len}")
         if self.batch_size % self.grad_accum:
             fail("batch_size", f"{self.batch_size} is not a multiple of grad_accum={self.grad_accum}")
+        for f in ("lr", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm", "load_balance", "z_loss"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                fail(f, f"must be a number, got {v!r}")
         if not self.lr > 0:
             fail("lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -104,19 +106,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "TrainConfig":
         d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"train: unknown fields {unknown}; known fields are {sorted(known)}")
+        reject_unknown(d, "train", {f.name for f in dataclasses.fields(cls)})
         if "data" in d:
             d["data"] = tuple([d["data"]] if isinstance(d["data"], str) else d["data"])
         for name, sub in (("lora", LoraConfig), ("distill", DistillSettings)):
             if d.get(name) is not None:
                 v = d[name]
+                if not (v is True or isinstance(v, Mapping)):
+                    raise ConfigError(f"train.{name}: expected true or a mapping of settings, got {v!r}")
                 v = {} if v is True else dict(v)
-                bad = sorted(set(v) - {f.name for f in dataclasses.fields(sub)})
-                if bad:
-                    raise ConfigError(f"train.{name}: unknown fields {bad}")
+                reject_unknown(v, f"train.{name}", {f.name for f in dataclasses.fields(sub)})
                 try:
                     d[name] = sub(**v)
                 except LoraError as e:
@@ -125,11 +124,15 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """The ``train:`` section of a config file (or of a preset, by name)."""
+        path = config_path(path)
+        train = read_document(path).get("train")
+        if train is not None and not isinstance(train, Mapping):
+            raise ConfigError(f"{path}: train: expected a mapping of settings, got {type(train).__name__}")
         try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read the config: {e}") from e
-        return cls.from_dict(doc.get("train"))
+            return cls.from_dict(train)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -210,6 +210,9 @@ class Trainer:
 
 def _check_setup(config: Llama4Config, tc: TrainConfig, mesh, teacher) -> None:
     """What the config alone cannot check: the batch against the mesh, the teacher against the student."""
+    if tc.seq_len > config.text.max_position_embeddings:
+        raise ConfigError(f"TrainConfig.seq_len: {tc.seq_len} is longer than the model's max_position_embeddings "
+                          f"{config.text.max_position_embeddings}")
     n = batch_multiple(mesh)
     if tc.microbatch % n:
         raise ConfigError(f"TrainConfig.batch_size: {tc.batch_size} sequences in {tc.grad_accum} microbatch(es) of "

@@ -55,6 +55,21 @@ def test_existing_destination_is_refused(converted, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_convert_source_must_be_an_hf_folder(converted, tmp_path, capsys):
+    """A file, a missing path, an l4jax checkpoint, a bad --dtype: one line each, exit 2, nothing written."""
+    weights = next((converted / "hf").glob("*.safetensors"))
+    for src, message in ((weights, "not a folder"), (tmp_path / "nope", "no such folder"),
+                         (converted / "l4", "already an l4jax checkpoint")):
+        assert main(["convert", "--from-hf", str(src), "--to", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"l4jax: --from-hf {src}: {message}") and err.count("\n") == 1, err
+    for dtype in ("int8", "banana"):
+        args = ["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "out"), "--dtype", dtype]
+        assert main(args) == 2
+        assert f"--dtype: unknown dtype '{dtype}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_conversion_leaves_nothing(converted, tmp_path):
     def items():
         yield ("embed",), np.zeros((3, 4), np.float32)

@@ -119,6 +119,14 @@ def test_generate_errors(pair):
         generate(ours, [[1, 2, 3, 4, 5]], max_length=5)
     with pytest.raises(ValueError, match=r"unknown token ids \[999\]"):
         generate(ours, [[1, 2]], stop_tokens=[2, 999])
+    with pytest.raises(ValueError, match="max_new_tokens: must be a positive integer, got -5"):
+        generate(ours, [[1, 2]], max_new_tokens=-5)
+    with pytest.raises(ValueError, match=r"attention_mask: rows \[0\] have padding after a token"):
+        generate(ours, [[1, 2, 0]], [[1, 1, 0]])  # right padding
+    with pytest.raises(ValueError, match=r"attention_mask: values must be 0 \(padding\) or 1"):
+        generate(ours, [[1, 2]], [[1, 2]])
+    with pytest.raises(ValueError, match="kv_dtype"):
+        generate(ours, [[1, 2]], kv_dtype="float8")
 
 
 def test_decode_step_compiles_once_per_shape_not_per_token(pair):

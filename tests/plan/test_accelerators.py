@@ -13,7 +13,7 @@ import re
 import pytest
 
 import l4jax
-from l4jax.plan.costs import cache_bytes
+from l4jax.plan.costs import cache_bytes, weights
 from l4jax.plan.planner import Request, plan
 from l4jax.plan.targets import parse_target
 from l4jax.plan.traffic import shape_bytes
@@ -31,6 +31,15 @@ H100 = [("train", dict(batch=4, seq=2048)), ("decode", dict(batch=1, cache=4096)
 V5E = [("train", dict(batch=4, seq=2048, remat="full", mesh={"fsdp": 4})),
        ("decode", dict(batch=1, cache=4096, mesh={"tensor": 4})),
        ("decode", dict(batch=32, cache=4096, mesh={"tensor": 4}))]
+
+
+def weights_and_cache(cfg, batch: int, cache: int, kv_int8: bool = False) -> int:
+    """Bytes a decode step's weights and cache hold: every weight a token uses, the routed experts the batch's
+    path reads (min(E, B x k) per MoE layer: the gathered path reads the B x k picked, the dense one all E) and
+    the whole cache (bf16, or int8 with its fp32 scales)."""
+    experts = min(cfg.num_local_experts, batch * cfg.num_experts_per_tok)
+    kv = cache_bytes(cfg, batch, cache, 1, scales=True) if kv_int8 else cache_bytes(cfg, batch, cache, 2)
+    return weights(cfg).read(experts) * 2 + kv
 
 
 @pytest.mark.parametrize("task,kw", H100, ids=[f"{t}-{kw['batch']}" for t, kw in H100])
@@ -52,8 +61,26 @@ def test_bench_decode_on_one_h100_writes_the_cache_in_place(bench, batch):
            if shape_bytes(m.group(1)) >= smallest_layer]
     assert not big, big
     assert result.memory["temporaries"] < 0.05 * cache_bytes(bench.text, batch, 4096, 2)
-    per_token = result.program["traffic"]["loop_trip"]
-    assert abs(per_token / result.costs.bytes - 1) < 0.2, (per_token, result.costs.bytes)
+    per_token, held = result.program["traffic"]["loop_trip"], weights_and_cache(bench.text, batch, 4096)
+    assert abs(per_token / held - 1) < 0.2, (per_token, held)
+
+
+def test_int8_cache_decode_on_one_h100_reads_the_int8_cache_in_place(bench):
+    """The int8 cache is read as int8 (no dequantized copy: the bytes per token stay within 20% of the weights and
+    the int8 cache) and written in place."""
+    pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
+    result, planned = plan(bench, parse_target("h100"), Request("decode", batch=32, cache=4096, kv_int8=True))
+    assert planned["shapes"]["kv_dtype"] == "int8" and result.program["conditional"] == 0
+    int8 = cache_bytes(bench.text, 32, 4096, 1, scales=True)
+    big = [m.group(0)[:80] for m in re.finditer(r"= (\S+) (concatenate|copy|transpose)\(", result.hlo)
+           if shape_bytes(m.group(1)) >= int8 // (4 * bench.text.num_hidden_layers)]
+    assert not big, big
+    per_token, held = result.program["traffic"]["loop_trip"], weights_and_cache(bench.text, 32, 4096, kv_int8=True)
+    assert abs(per_token / held - 1) < 0.2, (per_token, held)
+    bf16, _ = plan(bench, parse_target("h100"), Request("decode", batch=32, cache=4096))
+    saved = bf16.program["traffic"]["loop_trip"] - per_token  # the int8 cache's saving is the bytes it does not hold
+    want = cache_bytes(bench.text, 32, 4096, 2) - int8
+    assert abs(saved / want - 1) < 0.1, (saved, want)
 
 
 @pytest.mark.parametrize("task,kw", V5E, ids=[f"{t}-{kw['batch']}" for t, kw in V5E])

@@ -21,7 +21,7 @@ from l4jax.model.decoder import stack_layers, unstack_layers
 from l4jax.train import lora as lora_lib
 from l4jax.train import lora_files
 from l4jax.train.lora import LoraConfig
-from l4jax.train.loop import TrainingError, run
+from l4jax.train.loop import TrainingError, _check, run
 from l4jax.train.run_folder import RunFolderError
 from l4jax.train.settings import TrainConfig
 from l4jax.train.step import Trainer
@@ -92,6 +92,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text, tmp_path
     assert good is not None
     state = ckpts.restore(good, Trainer(load_config("tiny"), tc).abstract_state(), {})
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_a_non_finite_step_says_what_is_kept():
+    bad = {"loss": float("nan"), "grad_norm": 1.0, "params_finite": True}
+    with pytest.raises(TrainingError, match="step 3: loss nan.*no checkpoint was saved before it"):
+        _check(3, bad, None)
+    with pytest.raises(TrainingError, match="step 7: .*NOT finite.*the checkpoint of step 5 is kept"):
+        _check(7, dict(bad, loss=2.0, params_finite=False), 5)
+    assert _check(2, dict(bad, loss=2.0), None)["loss"] == 2.0
+
+
+@pytest.mark.slow
+def test_resume_with_no_checkpoint_says_so_and_starts_at_step_0(text, tmp_path, capsys):
+    tc = TrainConfig(data=(text,), **dict(SMALL, steps=1))
+    run(load_config("tiny"), tc, tmp_path / "new", progress=False, resume=True)
+    assert f"--resume: no checkpoint in {tmp_path / 'new' / 'checkpoints'} yet" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -190,6 +190,12 @@ def test_errors_name_the_field():
         tc.replace(grad_accum=3)
     with pytest.raises(ConfigError, match="remat"):
         tc.replace(remat="sometimes")
-    with pytest.raises(ConfigError, match=r"unknown fields \['learning_rate'\]"):
+    with pytest.raises(ConfigError, match=r"train.learning_rate: unknown field"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ConfigError, match="TrainConfig.lr: must be a number, got 'fast'"):
+        TrainConfig.from_dict({"lr": "fast"})
+    with pytest.raises(ConfigError, match="TrainConfig.b2: must be a number, got None"):
+        TrainConfig.from_dict({"b2": None})
+    with pytest.raises(ConfigError, match="seq_len: 8192 is longer than the model's max_position_embeddings 4096"):
+        Trainer(config, tc.replace(seq_len=8192))
     assert json.dumps(tc.to_dict())  # the run description stored in checkpoints is plain JSON

@@ -1,44 +1,15 @@
-"""Model configuration: frozen dataclasses, built from an HF ``config.json`` or a preset in ``configs/``.
+"""The model's configuration: frozen dataclasses, validated once at construction, built from HF config dicts.
 
-Every value the reference reads is a field here; nothing in the model hard-codes Scout or Maverick.
-Configs are validated once, at construction, and errors name the offending field.
+Every value the reference reads is a field here; nothing in the model hard-codes Scout or Maverick. Errors name the
+offending field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-# Presets live in the repository's top-level configs/ folder.
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type or inconsistent; the message names the field."""
-
-
-def _fail(owner: str, field: str, msg: str):
-    raise ConfigError(f"{owner}.{field}: {msg}")
-
-
-# Dtypes by name: the canonical numpy names, and the short ones the command line and configs also accept.
-DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
-def dtype_name(name: str, where: str, allowed: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> str:
-    """The canonical name ("bfloat16") of a dtype name or alias ("bf16"); a ConfigError naming ``where`` when it
-    is not one of ``allowed``."""
-    canonical = DTYPES.get(name) if isinstance(name, str) else None
-    if canonical not in allowed:
-        names = sorted(k for k, v in DTYPES.items() if v in allowed)
-        raise ConfigError(f"{where}: unknown dtype {name!r}; expected one of {names}")
-    return canonical
-
+from .base import FULL_KEYS, MODEL_TYPES, REQUIRED_TEXT, TEXT_KEYS, ConfigError, _fail, as_float, as_int, check_hf_keys
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -145,17 +116,19 @@ class TextConfig:
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "TextConfig":
-        """Build from an HF ``llama4_text`` dict (the ``text_config`` of a full ``llama4`` config)."""
+    def from_hf(cls, d: Mapping[str, Any], strict: bool = False) -> "TextConfig":
+        """Build from an HF ``llama4_text`` dict (the ``text_config`` of a full ``llama4`` config); ``strict``:
+        unknown keys are errors (see ``base.check_hf_keys``)."""
         d = dict(d)
+        check_hf_keys(d, "TextConfig", TEXT_KEYS, strict=strict, required=REQUIRED_TEXT)
         base = {f.name: f.default for f in dataclasses.fields(cls)}
         get = lambda k: d.get(k, base.get(k))  # noqa: E731
-        L = _int(get("num_hidden_layers"), "num_hidden_layers")
-        heads = _int(get("num_attention_heads"), "num_attention_heads")
+        L = as_int(get("num_hidden_layers"), "num_hidden_layers")
+        heads = as_int(get("num_attention_heads"), "num_attention_heads")
         kv = d.get("num_key_value_heads") or heads
         head_dim = d.get("head_dim", 128)
         if head_dim is None:  # older configs; HF falls back to hidden / heads
-            head_dim = _int(get("hidden_size"), "hidden_size") // heads
+            head_dim = as_int(get("hidden_size"), "hidden_size") // heads
 
         rope_layers, chunked, moe, chunk = _layer_lists(d, L)
         theta, scaling = _rope_from_hf(d)
@@ -175,8 +148,9 @@ class TextConfig:
             moe_layers=tuple(int(i) for i in moe), rope_layers=rope_layers, chunked_layers=chunked,
             attention_chunk_size=chunk, use_qk_norm=bool(get("use_qk_norm")),
             attn_temperature_tuning=bool(get("attn_temperature_tuning")),
-            floor_scale=float(get("floor_scale")), attn_scale=float(get("attn_scale")),
-            rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(get("rms_norm_eps")),
+            floor_scale=as_float(get("floor_scale"), "floor_scale"),
+            attn_scale=as_float(get("attn_scale"), "attn_scale"),
+            rope_theta=theta, rope_scaling=scaling, rms_norm_eps=as_float(get("rms_norm_eps"), "rms_norm_eps"),
             tie_word_embeddings=bool(get("tie_word_embeddings")),
             max_position_embeddings=get("max_position_embeddings"),
             bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos, pad_token_id=d.get("pad_token_id"),
@@ -259,17 +233,21 @@ class Llama4Config:
     eoi_token_index: int = 200081
 
     @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "Llama4Config":
-        if "text_config" in d or d.get("model_type") == "llama4":
-            if "text_config" not in d:
-                _fail("Llama4Config", "text_config", "a 'llama4' config must contain text_config")
+    def from_hf(cls, d: Mapping[str, Any], strict: bool = False) -> "Llama4Config":
+        """From an HF config dict (``llama4`` or ``llama4_text``); ``strict``: unknown keys are errors."""
+        kind = d.get("model_type")
+        if kind not in MODEL_TYPES:
+            _fail("Llama4Config", "model_type", f"{kind!r} is not a Llama 4 model; expected one of {MODEL_TYPES}"
+                  if kind is not None else f"missing; expected one of {MODEL_TYPES}")
+        if kind == "llama4":
+            check_hf_keys(d, "Llama4Config", FULL_KEYS, strict=strict, required=("text_config",))
             vision = d.get("vision_config")
-            return cls(text=TextConfig.from_hf(d["text_config"]),
+            return cls(text=TextConfig.from_hf(d["text_config"], strict),
                        vision=VisionConfig.from_hf(vision) if vision else None,
                        image_token_index=d.get("image_token_index", 200092),
                        boi_token_index=d.get("boi_token_index", 200080),
                        eoi_token_index=d.get("eoi_token_index", 200081))
-        return cls(text=TextConfig.from_hf(d))
+        return cls(text=TextConfig.from_hf(d, strict))
 
     def to_hf(self) -> dict:
         """An HF config dict: ``llama4_text`` alone, or a full ``llama4`` config when there is a vision tower."""
@@ -281,44 +259,12 @@ class Llama4Config:
                     eoi_token_index=self.eoi_token_index)
 
 
-def load_config(source: str | Path | Mapping[str, Any]) -> Llama4Config:
-    """Config from a preset name (``scout``), a ``.yaml``/``.json`` file, an HF model folder, or a dict."""
-    if isinstance(source, Mapping):
-        return Llama4Config.from_hf(source)
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file() and (PRESET_DIR / f"{source}.yaml").is_file():
-        path = PRESET_DIR / f"{source}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"no config at {str(source)!r}: not a file, a model folder with config.json, "
-                          f"or a preset ({', '.join(presets)})")
-    text = path.read_text()
-    try:
-        d = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot parse config: {e}") from e
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
-    try:
-        return Llama4Config.from_hf(d.get("model", d))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
-
-
-def _int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        _fail("TextConfig", name, f"must be an integer, got {v!r}")
-    return v
-
-
 def _layer_lists(d: Mapping[str, Any], L: int) -> tuple[tuple[bool, ...], tuple[bool, ...], list, int | None]:
     """(rope_layers, chunked_layers, moe_layers, attention_chunk_size) of an HF text config of L layers."""
     # HF no_rope_layers: 1 = the layer USES RoPE. Empty/None -> derived from the interval.
     no_rope = d.get("no_rope_layers")
     if not no_rope:
-        interval = _int(d.get("no_rope_layer_interval", 4), "no_rope_layer_interval")
+        interval = as_int(d.get("no_rope_layer_interval", 4), "no_rope_layer_interval")
         no_rope = [int((i + 1) % interval != 0) for i in range(L)]
     if any(v not in (0, 1, True, False) for v in no_rope):
         _fail("TextConfig", "no_rope_layers", f"entries must be 0 or 1, got {list(no_rope)}")
@@ -326,7 +272,7 @@ def _layer_lists(d: Mapping[str, Any], L: int) -> tuple[tuple[bool, ...], tuple[
 
     moe = d.get("moe_layers")
     if moe is None:
-        step = _int(d.get("interleave_moe_layer_step", 1), "interleave_moe_layer_step")
+        step = as_int(d.get("interleave_moe_layer_step", 1), "interleave_moe_layer_step")
         moe = list(range(step - 1, L, step))
 
     chunk = d.get("attention_chunk_size", 8192)
@@ -347,7 +293,7 @@ def _layer_lists(d: Mapping[str, Any], L: int) -> tuple[tuple[bool, ...], tuple[
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     """``rope_parameters`` (transformers 5) or legacy ``rope_scaling`` + ``rope_theta``."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 500000.0)))
+    theta = as_float(params.get("rope_theta", d.get("rope_theta", 500000.0)), "rope_theta")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
@@ -357,9 +303,9 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
                if k not in params]
     if missing:
         _fail("TextConfig", "rope_scaling", f"llama3 scaling is missing {missing}")
-    return theta, RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
-                              float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+    f = {k: as_float(params[k], k, "rope_scaling") for k in ("factor", "low_freq_factor", "high_freq_factor")}
+    return theta, RopeScaling(**f, original_max_position_embeddings=as_int(
+        params["original_max_position_embeddings"], "original_max_position_embeddings", "rope_scaling"))
 
 
-__all__ = ["DTYPES", "ConfigError", "RopeScaling", "dtype_name", "TextConfig", "VisionConfig", "Llama4Config",
-           "load_config"]
+__all__ = ["ConfigError", "RopeScaling", "TextConfig", "VisionConfig", "Llama4Config"]
