@@ -118,3 +118,12 @@ def make_tokenizer(path: Path) -> int:
     return base
 
 
+
+
+def damage_largest_file(folder: Path) -> Path:
+    """Overwrite 64 bytes in the middle of the largest file under ``folder`` (a checkpoint's tensor data)."""
+    f = max((p for p in Path(folder).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+    f.write_bytes(bytes(raw))
+    return f

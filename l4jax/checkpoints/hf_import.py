@@ -135,12 +135,24 @@ def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
     step = max(1, BLOCK_BYTES // max(1, int(np.prod(src_shape[1:])) * out.itemsize))
     for i in range(0, rows, step):
         block = index.read(s.key, (slice(i, min(i + step, rows)),) + part[1:])
+        _check_finite(block, index.files[s.key], s.key, i)
         if s.transpose:
             out[:, i:i + step] = block.T
         else:
             out[i:i + step] = block
         del block
     return out.reshape(s.out_shape) if s.out_shape else out
+
+
+def _check_finite(block: np.ndarray, f: Path, key: str, row: int) -> None:
+    """A NaN or an infinity in a weight is damage: name the tensor and the row. A float32 sum (one read of a block
+    already in hand, no temporary) is finite unless one of its elements is not; only then look closer, since a
+    sum of huge finite values can also overflow."""
+    if np.isfinite(block.sum(dtype=np.float32)) or np.isfinite(block).all():
+        return
+    bad = int(np.argwhere(~np.isfinite(block))[0][0]) + row
+    raise CheckpointError(f"{f}: tensor {key!r} holds NaN or infinite values (first in row {bad}); the checkpoint is "
+                          "damaged")
 
 
 def stream(folder: str | Path, config: Llama4Config, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:

@@ -1,7 +1,7 @@
 """The l4jax checkpoint format: Orbax, one item per parameter, written and read one tensor at a time.
 
     <dir>/l4jax.json        {"format": "l4jax-orbax", "version": 1, "dtype": ..., "config": <HF config dict>,
-                             "params": [parameter paths, "/"-joined]}
+                             "params": [parameter paths, "/"-joined], "checksums": {path: checksum.of_array}}
     <dir>/params/<path>/    an Orbax PyTree item {"value": array}, readable with ocp.StandardCheckpointer
     <dir>/tokenizer*.json   copied from the source model, when present (also generation_ and preprocessor_config)
 
@@ -9,7 +9,8 @@ One Orbax item per tensor (rather than one pytree) is what bounds memory: Orbax 
 a whole-model save needs the whole model in host memory. Restoring targets each item's NamedSharding, so every
 process reads only its devices' shards. A checkpoint is written into a temporary sibling folder and renamed into
 place at the end (``atomic.atomic_dir``): an interrupted conversion never leaves a half-written checkpoint at the
-destination.
+destination. Each tensor's checksum is written with it and checked as it is read back (checkpoints written before
+checksums existed are read without the check).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .. import tree
+from . import checksum
 from .atomic import atomic_dir
 
 FORMAT, VERSION = "l4jax-orbax", 1
@@ -65,12 +67,13 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
     """
     out = Path(out).absolute()
     with atomic_dir(out, overwrite=overwrite, what="checkpoint") as tmp:
-        names = []
+        names, sums = [], {}
         with _writer() as ckptr:
             for path, array in items:
                 name = "/".join(path)
                 ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
                 names.append(name)
+                sums[name] = checksum.of_array(array)
                 nbytes = array.nbytes
                 del array  # not alive while the next tensor is read
                 _release_freed_memory()
@@ -82,7 +85,8 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
                     if (Path(side_files_from) / f).is_file():
                         shutil.copy2(Path(side_files_from) / f, tmp / f)
             (tmp / MANIFEST).write_text(json.dumps(
-                {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names}, indent=1))
+                {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
+                 "checksums": sums}, indent=1))
     return out
 
 
@@ -116,7 +120,8 @@ def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dty
     time, cast to ``dtype`` when given. Stored parameters under the top-level names in ``ignore`` are left unread
     (a text-only load of a multimodal checkpoint ignores ``vision_model`` and ``projector``)."""
     path = Path(path).absolute()
-    names = {n for n in read_manifest(path)["params"] if n.split("/")[0] not in ignore}
+    manifest = read_manifest(path)
+    names, sums = {n for n in manifest["params"] if n.split("/")[0] not in ignore}, manifest.get("checksums", {})
     want = {"/".join(p): leaf for p, leaf in tree.leaves(abstract)}
     missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
     if missing or unexpected:
@@ -131,8 +136,13 @@ def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dty
             target = {"value": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)}
             try:
                 value = ckptr.restore(path / "params" / name, target)["value"]
-            except (ValueError, FileNotFoundError) as e:
-                raise ValueError(f"{path}: cannot restore parameter {name!r} as {leaf.shape} {leaf.dtype}: {e}") from e
+            except Exception as e:  # TensorStore reports damage in many types and pages of text: keep one line
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:300]
+                raise ValueError(f"{path}: cannot restore parameter {name!r} as {leaf.shape} {leaf.dtype} (missing "
+                                 f"or damaged): {first}") from e
+            if name in sums and checksum.of_array(value) != sums[name]:
+                raise ValueError(f"{path}: parameter {name!r} is damaged: its bytes no longer match the checksum "
+                                 "written with it")
             if dtype is not None and value.dtype != dtype:
                 value = value.astype(dtype)
             tree.put(params, keys, value)

@@ -3,6 +3,8 @@
 Saves are asynchronous (training goes on while the arrays are written) and atomic: Orbax writes each step into a
 temporary folder and renames it once complete, so a process killed mid-save leaves the previous step as the
 latest restorable one. Restoring takes the target's shardings, so a state saved on one mesh restores onto another.
+Every array's checksum is stored in the step's description and checked on restore, so damaged bytes are named
+(``CheckpointDamaged``) instead of resuming from garbage.
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from . import checksum
+
 
 class CheckpointMismatch(ValueError):
     """A checkpoint was written for another model or another training setup; the message says what differs."""
+
+
+class CheckpointDamaged(ValueError):
+    """A stored step cannot be read back as it was written; the message names the step and the array."""
 
 
 class Checkpoints:
@@ -27,11 +35,18 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         """Start saving ``state`` (arrays, any sharding) as step ``step`` if the interval says so (or ``force``)."""
+        if not (force or self._mngr.should_save(step)):
+            return False
+        meta = {**meta, "checksums": checksum.of_tree(state)}
         return self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              meta=ocp.args.JsonSave(meta)), force=force)
 
     def latest(self) -> int | None:
         return self._mngr.latest_step()
+
+    def steps(self) -> list[int]:
+        """The stored steps, newest first."""
+        return sorted(self._mngr.all_steps(), reverse=True)
 
     def meta(self, step: int) -> dict:
         return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -45,10 +60,19 @@ class Checkpoints:
             raise CheckpointMismatch(f"{self.directory} step {step} was written for a different run: "
                                      + "; ".join(diffs))
         try:
-            return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointMismatch(f"{self.directory} step {step}: the stored state does not fit this model: {e}") \
-                from e
+            state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as e:  # noqa: BLE001 - TensorStore reports unreadable bytes as a bare Exception
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:200]
+            if isinstance(e, (ValueError, KeyError)) and "TensorStore" not in str(e):
+                raise CheckpointMismatch(f"{self.directory} step {step}: the stored state does not fit this model: "
+                                         f"{e}") from e
+            raise CheckpointDamaged(f"{self.directory} step {step}: unreadable (damaged?): {first}") from e
+        stored = meta.get("checksums", {})
+        bad = [n for n, c in checksum.of_tree(state).items() if n in stored and stored[n] != c]
+        if bad:
+            raise CheckpointDamaged(f"{self.directory} step {step}: damaged: {bad[0]} no longer matches the checksum "
+                                    f"written with it" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        return state
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

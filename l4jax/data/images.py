@@ -148,7 +148,7 @@ def load_image(source: ImageLike):
                 image.load()
         except FileNotFoundError:
             raise
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise ImageError(f"{source}: cannot read image: {e}") from e
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[-1] not in

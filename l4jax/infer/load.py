@@ -103,9 +103,17 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
     return Model(config, text, dtype=dtype, mesh=mesh, vision_params=vision_params, **kernels)
 
 
+def model_config(path: str | Path) -> Llama4Config:
+    """The config of a model folder, an l4jax checkpoint (its manifest) or an HF folder (config.json), without
+    reading any weight."""
+    if l4jax_format.is_checkpoint(path):
+        return Llama4Config.from_hf(l4jax_format.read_manifest(path)["config"])
+    return load_config(path)
+
+
 def _load_l4jax(path: Path, dtype, mesh, kernels: dict, vision: bool | None) -> Model:
     manifest = l4jax_format.read_manifest(path)
-    config = _resolve_vision(Llama4Config.from_hf(manifest["config"]), vision, path)
+    config = _resolve_vision(model_config(path), vision, path)
     stored = jnp.dtype(manifest["dtype"])
     dtype = jnp.dtype(dtype) if dtype is not None else stored
     if config.vision is not None and not any(n.split("/")[0] in VISION_PARAMS for n in manifest["params"]):

@@ -21,11 +21,12 @@ import jax
 from tqdm import tqdm
 
 from .. import tree
-from ..checkpoints.train_state import Checkpoints
-from ..config import Llama4Config
+from ..checkpoints.train_state import CheckpointDamaged, Checkpoints
+from ..config import Llama4Config, TextConfig
 from ..data import corpus, packing
 from ..data.tokenizer import Tokenizer
 from ..infer import Model, load
+from ..infer.load import model_config
 from . import flops, lora_files, run_folder
 from .settings import DistillSettings, TrainConfig
 from .step import Trainer
@@ -92,16 +93,50 @@ def _start(trainer: Trainer, ckpts: Checkpoints, meta: dict, resume: bool) -> tu
     """The initial (state, frozen): from ``init_from`` or random, then the latest checkpoint when resuming."""
     tc = trainer.tc
     start = ckpts.latest() if resume else None
+    if tc.init_from is not None:
+        _check_same_shapes(tc.init_from, model_config(tc.init_from).text, trainer.config.text)
     base = None if tc.init_from is None else load(tc.init_from, dtype=tc.param_dtype, mesh=trainer.mesh,
                                                    vision=False).params
     state, frozen = trainer.init_state(base)
     del base
     if start is not None:
-        state = ckpts.restore(start, trainer.abstract_state(), meta)
+        state = _restore_newest_good(ckpts, trainer, meta)
     elif resume:
         print(f"l4jax train: --resume: no checkpoint in {ckpts.directory} yet, so the run starts from step 0",
               file=sys.stderr, flush=True)
     return state, frozen
+
+
+def _restore_newest_good(ckpts: Checkpoints, trainer: Trainer, meta: dict) -> dict:
+    """The newest stored step that reads back whole; each damaged one skipped is named in a warning line."""
+    damaged = []
+    for step in ckpts.steps():
+        try:
+            state = ckpts.restore(step, trainer.abstract_state(), meta)
+        except CheckpointDamaged as e:
+            damaged.append(step)
+            print(f"l4jax train: --resume: {e}", file=sys.stderr, flush=True)
+            continue
+        if damaged:
+            print(f"l4jax train: --resume: step {damaged[0]} is damaged; resuming from step {step}", file=sys.stderr,
+                  flush=True)
+        return state
+    raise TrainingError(f"--resume: every checkpoint in {ckpts.directory} is damaged (steps {damaged}); start a new "
+                        "run in another folder")
+
+
+# The TextConfig fields that decide the weights' shapes.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "intermediate_size_mlp", "num_local_experts", "moe_layers",
+                "tie_word_embeddings")
+
+
+def _check_same_shapes(source: str, theirs: TextConfig, ours: TextConfig) -> None:
+    diff = [f"{f} {getattr(theirs, f)} vs {getattr(ours, f)}" for f in SHAPE_FIELDS
+            if getattr(theirs, f) != getattr(ours, f)]
+    if diff:
+        raise TrainingError(f"--init-from {source}: its weights have another shape than the config's ("
+                            f"{'; '.join(diff)}: --init-from vs config)")
 
 
 def _loop(trainer: Trainer, ds, ckpts: Checkpoints, meta: dict, state: dict, frozen: dict, log: "_Log",

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import l4jax
 from l4jax import CheckpointError
 from l4jax.checkpoints import hf_import
+from l4jax.cli import main
 from tiny import CONFIGS, batch, hf_logits, hf_model, rel_err, save
 
 KEY = "model.layers.1.feed_forward.experts.gate_up_proj"
@@ -115,6 +116,31 @@ def test_truncated_and_corrupt_files(ckpt, tmp_path):
         f.write_bytes(damage(f.read_bytes()))
         with pytest.raises(CheckpointError, match="model.safetensors.*(truncated or corrupt)"):
             l4jax.load(dst)
+
+
+def test_non_finite_weights_are_named(ckpt, tmp_path, capsys):
+    """A NaN in a tensor, or bytes flipped to 0xff inside tensor data (a NaN pattern): the tensor and row named,
+    by load and by convert (exit 2, nothing written)."""
+    def poison(t):
+        w = t[KEY].clone()
+        w[2, 5, 7] = float("nan")
+        return dict(t, **{KEY: w})
+    folder = edited(ckpt, tmp_path, poison)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{KEY}' holds NaN or infinite values "
+                                              r"\(first in row 2\)"):
+        l4jax.load(folder)
+    src, _ = ckpt
+    flipped = tmp_path / "flipped"
+    shutil.copytree(src, flipped)
+    f = flipped / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    offsets = json.loads(data[8:header])["model.norm.weight"]["data_offsets"]
+    data[header + offsets[0]:header + offsets[0] + 4] = b"\xff" * 4
+    f.write_bytes(bytes(data))
+    assert main(["convert", "--from-hf", str(flipped), "--to", str(tmp_path / "out")]) == 2
+    assert "tensor 'model.norm.weight' holds NaN or infinite values" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_mismatch_and_empty_folder(ckpt, tmp_path):

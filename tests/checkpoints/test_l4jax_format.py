@@ -9,7 +9,7 @@ import pytest
 import l4jax
 from l4jax.cli import main
 from l4jax.checkpoints import l4jax_format
-from tiny import batch, hf_model, save
+from tiny import batch, damage_largest_file, hf_model, save
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,18 @@ def test_convert_source_must_be_an_hf_folder(converted, tmp_path, capsys):
         assert main(args) == 2
         assert f"--dtype: unknown dtype '{dtype}'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_tensor_bytes_are_named(converted, tmp_path, capsys):
+    """Bytes overwritten inside a stored tensor: loading names the parameter (its checksum), in one line."""
+    import shutil
+    shutil.copytree(converted / "l4", tmp_path / "c")
+    damage_largest_file(tmp_path / "c" / "params" / "lm_head")
+    with pytest.raises(ValueError, match=r"(parameter 'lm_head' is damaged|cannot restore parameter 'lm_head')"):
+        l4jax.load(tmp_path / "c")
+    assert main(["generate", "--model", str(tmp_path / "c"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "'lm_head'" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_interrupted_conversion_leaves_nothing(converted, tmp_path):

@@ -171,6 +171,22 @@ def test_unreadable_and_missing_image_files(tmp_path):
         load_image(np.zeros((4, 4, 3)))
 
 
+def test_a_decompression_bomb_is_refused_by_name(tmp_path):
+    """A PNG whose header claims 20000 x 20000 pixels (400 M, past Pillow's limit): refused before decoding."""
+    import struct
+    import zlib
+    from PIL import Image
+    small = tmp_path / "small.png"
+    Image.new("L", (1, 1)).save(small)
+    raw = bytearray(small.read_bytes())
+    ihdr = raw.index(b"IHDR")
+    raw[ihdr + 4:ihdr + 12] = struct.pack(">II", 20000, 20000)
+    raw[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr:ihdr + 17])))
+    (tmp_path / "bomb.png").write_bytes(bytes(raw))
+    with pytest.raises(ImageError, match=r"bomb\.png: cannot read image: Image size \(400000000 pixels\) exceeds"):
+        load_image(tmp_path / "bomb.png")
+
+
 def test_prompt_expansion_equals_llama4processor():
     from transformers.models.llama4.processing_llama4 import Llama4Processor
     for grid in [(1, 1), (2, 3), (3, 1)]:

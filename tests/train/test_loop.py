@@ -25,6 +25,7 @@ from l4jax.train.loop import TrainingError, _check, run
 from l4jax.train.run_folder import RunFolderError
 from l4jax.train.settings import TrainConfig
 from l4jax.train.step import Trainer
+from tiny import damage_largest_file
 
 # Each run compiles a train step (~10-20 s on 2 cores), so most of these are marked slow (CI runs them).
 SMALL = dict(seq_len=32, batch_size=8, steps=6, warmup_steps=1, lr=1e-2, save_every=3, log_every=1)
@@ -94,6 +95,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text, tmp_path
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+def test_init_from_a_model_of_another_shape_names_the_fields(text, tmp_path):
+    other = l4jax.init(load_config({**load_config("tiny").text.to_hf(), "hidden_size": 64, "vocab_size": 520}))
+    other.save(tmp_path / "other")
+    tc = TrainConfig(data=(text,), **dict(SMALL, steps=1), init_from=str(tmp_path / "other"))
+    with pytest.raises(TrainingError, match=r"--init-from .*other: its weights have another shape than the "
+                                            r"config's \(vocab_size 520 vs 512; hidden_size 64 vs 128: --init-from "
+                                            r"vs config\)"):
+        run(load_config("tiny"), tc, tmp_path / "run", progress=False)
+
+
 def test_a_non_finite_step_says_what_is_kept():
     bad = {"loss": float("nan"), "grad_norm": 1.0, "params_finite": True}
     with pytest.raises(TrainingError, match="step 3: loss nan.*no checkpoint was saved before it"):
@@ -101,6 +112,20 @@ def test_a_non_finite_step_says_what_is_kept():
     with pytest.raises(TrainingError, match="step 7: .*NOT finite.*the checkpoint of step 5 is kept"):
         _check(7, dict(bad, loss=2.0, params_finite=False), 5)
     assert _check(2, dict(bad, loss=2.0), None)["loss"] == 2.0
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_latest_checkpoint(text, tmp_path, capsys):
+    """Step 6's bytes damaged after the save: --resume says so, names both steps and goes on from step 3."""
+    config, tc = load_config("tiny"), TrainConfig(data=(text,), **dict(SMALL, steps=9))
+    run(config, tc, tmp_path, progress=False, stop_after=6)
+    damage_largest_file(tmp_path / "checkpoints" / "6" / "state")
+    capsys.readouterr()
+    run(config, tc, tmp_path, progress=False, resume=True)
+    err = capsys.readouterr().err
+    assert "step 6: damaged" in err or "step 6: unreadable" in err
+    assert "step 6 is damaged; resuming from step 3" in err
+    assert Checkpoints(tmp_path / "checkpoints", save_every=3, keep=3).latest() == 9
 
 
 @pytest.mark.slow
