@@ -24,6 +24,7 @@ from .infer import load
 from .infer.generate import stream
 from .infer.load import abstract_model
 from .model.gmm import IMPLS
+from .model.vision import check_image_tokens
 from .parallel import make_mesh, parse_mesh, simulate_cpu_devices
 from .plan.planner import TASKS, Request, plan, to_json, to_text
 from .plan.targets import COMPILE_ONLY_ENV, PlanError, parse_target
@@ -88,6 +89,9 @@ def _generate(args) -> int:
         ids, pixels = encode_with_images(tok, text, images, model.config, processor)
     else:
         ids = tok.encode(text, add_bos=True)
+        # As in transformers, control tokens typed in the prompt are parsed as such (<|eot|> ends a turn), except
+        # the image placeholder: only images make those.
+        check_image_tokens(ids, 0, model.config.image_token_index)
     decoder = IncrementalDecoder(tok, skip_special_tokens=True)
     for token in stream(model, np.asarray([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -260,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         simulate_cpu_devices(_devices_wanted(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, PlanError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, PlanError, ValueError, KeyError) as e:
         print(f"l4jax: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing input, or an output folder that is read-only, full or not a folder
+        where = f": {e.filename}" if e.filename and str(e.filename) not in str(e) else ""
+        print(f"l4jax: {e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Every writer renames complete work into place, so an interrupt leaves only whole files behind.

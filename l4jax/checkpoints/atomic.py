@@ -35,7 +35,10 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False, what: str = "folder"
     tmp, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
     if primary:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:  # a read-only or full disk, a file where a folder should be: name the destination
+            raise type(e)(e.errno, f"{out}: cannot write the {what} there ({e.strerror})") from e
     sync(f"l4jax-atomic-start-{out.name}")
     try:
         yield tmp

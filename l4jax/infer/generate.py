@@ -20,6 +20,7 @@ import numpy as np
 
 from ..model.cache import KVCache
 from ..model.decoder import Inputs
+from ..model.vision import check_image_tokens
 from ..parallel import pad_batch
 from .inputs import check_tokens
 from .sampling import sample
@@ -113,6 +114,8 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
     new = min(max_new_tokens, max_length - T)
     # Early fusion on the unpadded batch (the image tiles belong to its rows), checked against the prompt first.
     embeds = None if pixel_values is None else model.embed_images(ids, pixel_values)
+    if pixel_values is None and model.config.vision is not None:
+        check_image_tokens(ids, 0, model.config.image_token_index)
     # The batch axes must divide the batch: extra rows (all padding, done from the start) are never yielded.
     (ids, mask), _ = pad_batch(model.mesh, ids, mask)
     if embeds is not None:

@@ -108,6 +108,8 @@ class Model:
         ids, mask = check_tokens(input_ids, attention_mask, self.config.text.vocab_size,
                                  max_len=self.config.text.max_position_embeddings)
         px = None if pixel_values is None else self.check_images(ids, pixel_values)
+        if px is None and self.config.vision is not None:
+            check_image_tokens(ids, 0, self.config.image_token_index)
         filler = int(self.config.image_token_index == 0)  # padding rows must hold no image token
         (ids,), B = pad_batch(self.mesh, ids, fill=filler)
         (mask,), _ = pad_batch(self.mesh, mask)  # empty rows: finite garbage, never NaN

@@ -234,6 +234,9 @@ def abstract_vision_params(encoder: ImageEncoder) -> dict:
 def check_image_tokens(input_ids, n_features: int, image_token_index: int) -> None:
     """The prompt must hold exactly one ``<|patch|>`` per image feature row (tiles x tokens_per_tile)."""
     n_tokens = int(np.sum(np.asarray(input_ids) == image_token_index))
+    if n_tokens and not n_features:
+        raise ValueError(f"input_ids: {n_tokens} image placeholder tokens <|patch|> (id {image_token_index}) but no "
+                         "images (pixel_values); placeholders come only from images, never from prompt text")
     if n_tokens != n_features:
         raise ValueError(f"image tokens and image features do not match: input_ids hold {n_tokens} image tokens "
                          f"(id {image_token_index}) but the images give {n_features} feature rows")

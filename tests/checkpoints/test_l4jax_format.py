@@ -1,6 +1,7 @@
 """l4jax (Orbax) checkpoints: convert from HF, load back (plain and onto a mesh), never half-written."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -80,6 +81,24 @@ def test_damaged_tensor_bytes_are_named(converted, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "c"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "'lm_head'" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_output_that_cannot_be_written_is_one_line(converted, tmp_path, capsys, monkeypatch):
+    """--to under a file (not a folder), or a read-only or full disk (simulated: mkdir refused): exit 2, one line."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]  # after the progress bar's line
+    assert line == f"l4jax: [Errno 20] {blocker / 'out'}: cannot write the checkpoint there (Not a directory)", err
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "ro" / "out")]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line == f"l4jax: [Errno 13] {tmp_path / 'ro' / 'out'}: cannot write the checkpoint there (Permission " \
+                   "denied)", line
 
 
 def test_interrupted_conversion_leaves_nothing(converted, tmp_path):

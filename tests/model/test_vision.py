@@ -194,6 +194,9 @@ def test_handle_errors(vlm, ours, tmp_path):
     with pytest.raises(ValueError, match=r"expected shape \[N, 3, 28, 28\] \(N tiles of 28x28 pixels\), got "
                                          r"\[8, 3, 32, 32\]"):
         ours(ids, pixel_values=np.zeros((8, 3, 32, 32), np.float32))
+    for call in (lambda: ours(ids), lambda: ours.generate(ids, max_new_tokens=1)):  # placeholders, no images
+        with pytest.raises(ValueError, match=rf"input_ids: {n} image placeholder tokens <\|patch\|> .* but no images"):
+            call()
     text_only = l4jax.load(vlm[1], vision=False)
     assert text_only.vision_params is None and text_only.config.vision is None
     assert text_only.num_params() == sum(p.numel() for n, p in vlm[0].named_parameters() if "language_model" in n)
@@ -221,6 +224,10 @@ def test_cli_generate_with_images(vlm, hf_generated, capsys):
     (folder / "not-an-image.png").write_text("hello")
     assert main(argv[:-4] + ["--image", str(folder / "not-an-image.png")]) == 2
     assert "not-an-image.png: cannot read image" in capsys.readouterr().err
+    # Prompt text cannot inject image placeholders; other control tokens parse as transformers parses them.
+    assert main(["generate", "--model", str(folder), "--prompt", "<|patch|><|patch|> what is this?"]) == 2
+    assert "2 image placeholder tokens <|patch|>" in capsys.readouterr().err
+    assert main(["generate", "--model", str(folder), "--prompt", "hi<|eot|>", "--max-new-tokens", "2"]) == 0
 
 
 @pytest.mark.slow

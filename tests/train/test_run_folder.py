@@ -92,3 +92,11 @@ def test_a_folder_holding_a_users_model_is_refused_through_the_cli(tmp_path, cap
     assert main(["train", "--config", CONFIG, "--out", str(tmp_path / "out"), "--resume"]) == 1
     assert "not an l4jax training run" in capsys.readouterr().err
     assert snapshot(tmp_path / "out") == before
+
+
+def test_an_output_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["train", "--config", CONFIG, "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("l4jax: [Errno 20] Not a directory") and str(blocker) in err and err.count("\n") == 1, err
