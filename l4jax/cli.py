@@ -103,7 +103,27 @@ def _generate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    if not args.to_hf or args.to:
+        raise ValueError("--from-l4jax writes an HF folder: give --to-hf OUT (and no --to)")
+    if not l4jax_format.is_checkpoint(args.from_l4jax):
+        raise ValueError(f"--from-l4jax {args.from_l4jax}: not an l4jax checkpoint (no {l4jax_format.MANIFEST})")
+    if not args.shard_size > 0:
+        raise ValueError(f"--shard-size: must be a positive number of GB, got {args.shard_size}")
+    dtype = None if args.dtype is None else dtype_name(args.dtype, "--dtype")
+    model = load(args.from_l4jax, dtype=dtype)
+    # The checkpoint keeps the config.json it was converted from (or its run's): written back field for field.
+    out = model.save_pretrained(args.to_hf, shard_size=int(args.shard_size * 1e9), side_files_from=args.from_l4jax,
+                                hf_config=l4jax_format.read_manifest(args.from_l4jax)["config"])
+    print(f"HF folder written to {out}")
+    return 0
+
+
 def _convert(args) -> int:
+    if args.from_l4jax is not None:
+        return _export(args)
+    if not args.to or args.to_hf:
+        raise ValueError("--from-hf writes an l4jax checkpoint: give --to OUT (and no --to-hf)")
     src = Path(args.from_hf)
     if l4jax_format.is_checkpoint(src):
         raise ValueError(f"--from-hf {src}: already an l4jax checkpoint (l4jax.load and l4jax generate read it as "
@@ -190,9 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="preset (scout, maverick, behemoth, tiny, bench), .yaml/.json file or folder")
     info.set_defaults(run=_info)
     _add_generate(sub)
-    conv = sub.add_parser("convert", help="HF safetensors folder -> l4jax (Orbax) checkpoint, one tensor at a time")
-    conv.add_argument("--from-hf", required=True, help="HF model folder")
-    conv.add_argument("--to", required=True, help="output folder (must not exist)")
+    conv = sub.add_parser("convert", help="HF safetensors folder -> l4jax (Orbax) checkpoint (--from-hf, --to), or "
+                                          "back (--from-l4jax, --to-hf), one tensor at a time")
+    src = conv.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", help="HF model folder")
+    src.add_argument("--from-l4jax", help="l4jax checkpoint (l4jax convert, Model.save or l4jax train's model/)")
+    conv.add_argument("--to", help="with --from-hf: the l4jax checkpoint to write (must not exist)")
+    conv.add_argument("--to-hf", help="with --from-l4jax: the HF folder to write (must not exist)")
+    conv.add_argument("--shard-size", type=float, default=5.0, help="--to-hf: GB per safetensors shard (5)")
     conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
     conv.set_defaults(run=_convert)
     _add_train(sub)

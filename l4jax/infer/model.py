@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import tree
-from ..checkpoints import l4jax_format
+from ..checkpoints import hf_export, l4jax_format
 from ..config import Llama4Config
 from ..model.axes import ACT_VOCAB, BATCH, LENGTH
 from ..model.decoder import Inputs, Llama4Text
@@ -142,6 +142,17 @@ class Model:
         config = self.config if self.vision_params is not None else dataclasses.replace(self.config, vision=None)
         return l4jax_format.save(items, path, config=config.to_hf(), dtype=self.dtype.name,
                                  side_files_from=side_files_from, overwrite=overwrite)
+
+    def save_pretrained(self, path: str | Path, *, shard_size: int = hf_export.SHARD_SIZE,
+                        hf_config: dict | None = None, side_files_from: str | Path | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write the model as a Hugging Face folder (``config.json``, safetensors shards of at most ``shard_size``
+        bytes and their index), which transformers loads as it loads Meta's release; see
+        ``l4jax.checkpoints.hf_export``. ``hf_config``: the config.json to write (default: this config's
+        ``to_hf()``). Same ``side_files_from`` and ``overwrite`` as ``save``."""
+        config = self.config if self.vision_params is not None else dataclasses.replace(self.config, vision=None)
+        return hf_export.save_hf(config, {**self.params, **(self.vision_params or {})}, path, shard_size=shard_size,
+                                 hf_config=hf_config, side_files_from=side_files_from, overwrite=overwrite)
 
     def num_params(self) -> int:
         return tree.count((self.params, self.vision_params or {}))

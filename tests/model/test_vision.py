@@ -206,6 +206,18 @@ def test_handle_errors(vlm, ours, tmp_path):
         l4jax.init(ours.config.text, vision=True)
 
 
+def test_export_to_hf_gives_back_the_checkpoint_byte_for_byte(vlm, ours, tmp_path):
+    """The vision tower, projector and text decoder exported as a llama4 folder: the same tensors as the source."""
+    from safetensors.numpy import load_file
+    ours.save_pretrained(tmp_path / "hf", side_files_from=vlm[1])
+    ref, got = load_file(str(vlm[1] / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(ref) == sorted(got) and any(k.startswith("vision_model.") for k in got)
+    assert all(ref[k].tobytes() == got[k].tobytes() for k in ref)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama4"
+    assert l4jax.load(tmp_path / "hf").config == ours.config
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+
+
 def test_generate_with_images_equals_transformers(vlm, ours, hf_generated):
     """Greedy tokens of the chat prompt with two images (one of several tiles) equal transformers' generate."""
     ids, px = chat_inputs(vlm, ours)
