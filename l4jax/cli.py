@@ -153,7 +153,7 @@ def _train(args) -> int:
     mesh = make_mesh(**mesh_axes) if mesh_axes else None
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
-        last = run(config, tc, out, mesh=mesh, resume=args.resume, teacher_dir=args.teacher)
+        last = run(config, tc, out, mesh=mesh, resume=args.resume, teacher_dir=args.teacher, export_hf=args.export_hf)
     except (TrainingError, RunFolderError) as e:
         print(f"l4jax train: {e}", file=sys.stderr)
         return 1
@@ -256,6 +256,8 @@ def _add_train(sub) -> None:
     tr.add_argument("--teacher", default=None, help="codistill from this model folder (settings: train.distill)")
     tr.add_argument("--init-from", default=None, help="start from these weights (HF or l4jax folder)")
     tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--export-hf", action="store_true", help="also write the trained model as a Hugging Face "
+                                                             "folder, DIR/hf")
     tr.set_defaults(run=_train)
 
 

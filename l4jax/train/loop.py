@@ -55,7 +55,8 @@ def _tokenizer_dir(tc: TrainConfig) -> Path:
 
 
 def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, resume: bool = False,
-        teacher_dir: str | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+        teacher_dir: str | None = None, progress: bool = True, stop_after: int | None = None,
+        export_hf: bool = False) -> dict:
     """Train ``config`` with ``tc`` into ``out``; returns the last logged metrics.
 
     ``stop_after`` ends the loop after that many steps of this call (tests use it to interrupt a run).
@@ -85,7 +86,7 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
         ckpts.wait()
         ckpts.close()
     if step >= tc.steps:
-        export(trainer, state, frozen, out, tok_dir)
+        export(trainer, state, frozen, out, tok_dir, hf=export_hf)
     return last
 
 
@@ -214,14 +215,17 @@ def _check(step: int, m: dict, saved: int | None) -> dict:
     return m
 
 
-def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir: Path) -> Path:
-    """Write the trained model (adapters merged) as an l4jax checkpoint ``out/model`` with the tokenizer, and the
-    adapters alone to ``out/adapters``. Each is written beside its destination and renamed into place, replacing
-    what an earlier export of this run left there (``run_folder`` has checked that nothing else is)."""
+def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir: Path, hf: bool = False) -> Path:
+    """Write the trained model (adapters merged) as an l4jax checkpoint ``out/model`` with the tokenizer (with
+    ``hf`` also as a Hugging Face folder ``out/hf``), and the adapters alone to ``out/adapters``. Each is written
+    beside its destination and renamed into place, replacing what an earlier export of this run left there
+    (``run_folder`` has checked that nothing else is)."""
     target = out / "model"
     params = jax.jit(trainer.full_params)(state, frozen)
-    Model(trainer.config, params, dtype=trainer.tc.param_dtype).save(target, side_files_from=tokenizer_dir,
-                                                                      overwrite=True)
+    model = Model(trainer.config, params, dtype=trainer.tc.param_dtype)
+    model.save(target, side_files_from=tokenizer_dir, overwrite=True)
+    if hf:
+        model.save_pretrained(out / "hf", side_files_from=tokenizer_dir, overwrite=True)
     if trainer.lora is not None:
         lora_files.save(out / "adapters", state["params"], trainer.lora, base=trainer.tc.init_from, overwrite=True)
     return target

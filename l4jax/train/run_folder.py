@@ -21,7 +21,7 @@ from ..checkpoints import l4jax_format
 from . import lora_files
 
 MARKER = "l4jax-run.json"
-WRITTEN = ("checkpoints", "metrics.jsonl", "model", "adapters", MARKER)
+WRITTEN = ("checkpoints", "metrics.jsonl", "model", "adapters", "hf", MARKER)
 
 
 class RunFolderError(RuntimeError):
@@ -38,12 +38,14 @@ def _foreign(out: Path) -> Path | None:
     for entry in sorted(out.iterdir()):
         name = entry.name
         leftover = name.startswith(".") and name.endswith((".partial", ".old")) and name[1:].rsplit(".", 1)[0] in (
-            "model", "adapters")
+            "model", "adapters", "hf")
         if name not in WRITTEN and not leftover:
             return entry
         if name == "model" and not l4jax_format.is_checkpoint(entry):
             return entry
         if name == "adapters" and not (entry / lora_files.MANIFEST).is_file():
+            return entry
+        if name == "hf" and not (entry / "config.json").is_file():
             return entry
     return None
 

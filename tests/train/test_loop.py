@@ -216,12 +216,15 @@ def test_main_job_cli_trains_then_generates(tmp_path):
     env = {**os.environ, "XLA_FLAGS": ""}  # the CLI sets up its own 8 simulated devices
     out = tmp_path / "run"
     train = subprocess.run([sys.executable, "-m", "l4jax.cli", "train", "--config", "configs/tiny.yaml",
-                            "--steps", "60", "--out", str(out)],
+                            "--steps", "60", "--out", str(out), "--export-hf"],
                            capture_output=True, text=True, timeout=900, env=env,
                            cwd=Path(__file__).resolve().parents[2])
     assert train.returncode == 0, train.stderr[-3000:]
     seen = losses(out)
     assert seen[-1] < seen[0] - 0.5, seen
+    ids = np.array([[1, 20, 30, 40]])  # --export-hf: the HF folder holds the same model
+    np.testing.assert_array_equal(np.asarray(l4jax.load(out / "hf")(ids)), np.asarray(l4jax.load(out / "model")(ids)))
+    assert (out / "hf" / "tokenizer.json").is_file()
     gen = subprocess.run([sys.executable, "-m", "l4jax.cli", "generate", "--model", str(out / "model"),
                           "--prompt", "The fox", "--max-new-tokens", "20"],
                          capture_output=True, text=True, timeout=300, env=env)
