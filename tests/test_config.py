@@ -162,6 +162,11 @@ def test_yaml_keys_are_checked_and_json_extras_are_not(tmp_path):
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump({**tiny, "train": {"lora": {"rnk": 4}}}))
     with pytest.raises(ConfigError, match=r"train.lora.rnk: unknown field; did you mean 'rank'\?"):
         TrainConfig.from_yaml(tmp_path / "lora.yaml")
+    scout = yaml.safe_load((PRESET_DIR / "scout.yaml").read_text())
+    scout["vision_config"]["patch_sise"] = 14
+    (tmp_path / "vision.yaml").write_text(yaml.safe_dump(scout))
+    with pytest.raises(ConfigError, match=r"VisionConfig.patch_sise: unknown field; did you mean 'patch_size'\?"):
+        load_config(tmp_path / "vision.yaml")
     # An HF config.json carries keys of its own (and later transformers versions add more): read, not refused.
     hf = {k: v for k, v in tiny.items() if k != "train"}
     (tmp_path / "config.json").write_text(json.dumps({**hf, "some_future_field": 1, "architectures": ["X"]}))

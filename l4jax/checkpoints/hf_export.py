@@ -27,7 +27,7 @@ from .. import tree
 from ..config import Llama4Config
 from .atomic import atomic_dir
 from .hf_names import Source, sources
-from .l4jax_format import SIDE_FILES
+from .l4jax_format import SIDE_FILES, first_line
 
 SHARD_SIZE = 5 * 10**9
 
@@ -95,7 +95,10 @@ def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], folder: Path, shard
         nonlocal pending, size
         if pending:
             name = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(pending, str(folder / name), metadata={"format": "pt"})
+            try:
+                save_file(pending, str(folder / name), metadata={"format": "pt"})
+            except Exception as e:  # a full disk or an I/O error
+                raise OSError(f"{folder}: writing {name} failed: {first_line(e)}") from e
             shards.append({"file": name, "keys": list(pending), "bytes": size})
         pending, size = {}, 0
 

@@ -71,7 +71,10 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
         with _writer() as ckptr:
             for path, array in items:
                 name = "/".join(path)
-                ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
+                try:
+                    ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
+                except Exception as e:  # a full disk or an I/O error, which TensorStore raises in many types
+                    raise OSError(f"{out}: writing parameter {name!r} failed: {first_line(e)}") from e
                 names.append(name)
                 sums[name] = checksum.of_array(array)
                 nbytes = array.nbytes
@@ -88,6 +91,11 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
                 {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
                  "checksums": sums}, indent=1))
     return out
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error, without TensorStore's spec dump: what a one-line message can carry."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:300]
 
 
 def _writer() -> ocp.Checkpointer:
@@ -137,9 +145,8 @@ def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dty
             try:
                 value = ckptr.restore(path / "params" / name, target)["value"]
             except Exception as e:  # TensorStore reports damage in many types and pages of text: keep one line
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:300]
                 raise ValueError(f"{path}: cannot restore parameter {name!r} as {leaf.shape} {leaf.dtype} (missing "
-                                 f"or damaged): {first}") from e
+                                 f"or damaged): {first_line(e)}") from e
             if name in sums and checksum.of_array(value) != sums[name]:
                 raise ValueError(f"{path}: parameter {name!r} is damaged: its bytes no longer match the checksum "
                                  "written with it")

@@ -15,6 +15,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from . import checksum
+from .l4jax_format import first_line
 
 
 class CheckpointMismatch(ValueError):
@@ -38,8 +39,11 @@ class Checkpoints:
         if not (force or self._mngr.should_save(step)):
             return False
         meta = {**meta, "checksums": checksum.of_tree(state)}
-        return self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                             meta=ocp.args.JsonSave(meta)), force=force)
+        try:
+            return self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                 meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:  # a full disk or an I/O error (an async save reports the previous step's here)
+            raise OSError(f"{self.directory}: saving step {step} failed: {first_line(e)}") from e
 
     def latest(self) -> int | None:
         return self._mngr.latest_step()
@@ -62,7 +66,7 @@ class Checkpoints:
         try:
             state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         except Exception as e:  # noqa: BLE001 - TensorStore reports unreadable bytes as a bare Exception
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:200]
+            first = first_line(e)
             if isinstance(e, (ValueError, KeyError)) and "TensorStore" not in str(e):
                 raise CheckpointMismatch(f"{self.directory} step {step}: the stored state does not fit this model: "
                                          f"{e}") from e
@@ -75,7 +79,10 @@ class Checkpoints:
         return state
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # an async save that failed (a full disk, an I/O error)
+            raise OSError(f"{self.directory}: saving a checkpoint failed: {first_line(e)}") from e
 
     def close(self) -> None:
         self._mngr.close()

@@ -58,6 +58,13 @@ TEXT_KEYS = frozenset((
     "pad_token_id problem_type return_dict rms_norm_eps rope_parameters rope_scaling rope_theta "
     "router_aux_loss_coef router_jitter_noise tie_word_embeddings transformers_version use_cache use_qk_norm "
     "vocab_size").split())
+VISION_KEYS = frozenset((
+    "_name_or_path architectures attention_dropout chunk_size_feed_forward dtype torch_dtype hidden_act hidden_size "
+    "id2label image_size initializer_range intermediate_size is_encoder_decoder label2id model_type "
+    "multi_modal_projector_bias norm_eps num_attention_heads num_channels num_hidden_layers output_attentions "
+    "output_hidden_states patch_size pixel_shuffle_ratio problem_type projector_dropout projector_input_dim "
+    "projector_output_dim return_dict rope_parameters rope_theta transformers_version vision_feature_select_strategy "
+    "vision_feature_layer vision_output_dim").split())
 FULL_KEYS = frozenset((
     "_name_or_path architectures boi_token_index chunk_size_feed_forward dtype torch_dtype eoi_token_index "
     "id2label image_token_index is_encoder_decoder label2id model_type output_attentions output_hidden_states "

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from .base import FULL_KEYS, MODEL_TYPES, REQUIRED_TEXT, TEXT_KEYS, ConfigError, _fail, as_float, as_int, check_hf_keys
+from .base import (FULL_KEYS, MODEL_TYPES, REQUIRED_TEXT, TEXT_KEYS, VISION_KEYS, ConfigError, _fail, as_float,
+                   as_int, check_hf_keys)
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -213,7 +215,8 @@ class VisionConfig:
         return round((self.image_size // self.patch_size) ** 2 * self.pixel_shuffle_ratio ** 2)
 
     @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> "VisionConfig":
+    def from_hf(cls, d: Mapping[str, Any], strict: bool = False) -> "VisionConfig":
+        check_hf_keys(d, "VisionConfig", VISION_KEYS, strict=strict)
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         rp = d.get("rope_parameters") or {}
@@ -243,7 +246,7 @@ class Llama4Config:
             check_hf_keys(d, "Llama4Config", FULL_KEYS, strict=strict, required=("text_config",))
             vision = d.get("vision_config")
             return cls(text=TextConfig.from_hf(d["text_config"], strict),
-                       vision=VisionConfig.from_hf(vision) if vision else None,
+                       vision=VisionConfig.from_hf(vision, strict) if vision else None,
                        image_token_index=d.get("image_token_index", 200092),
                        boi_token_index=d.get("boi_token_index", 200080),
                        eoi_token_index=d.get("eoi_token_index", 200081))

@@ -101,6 +101,33 @@ def test_an_output_that_cannot_be_written_is_one_line(converted, tmp_path, capsy
                    "denied)", line
 
 
+def test_a_disk_that_fills_during_the_write_is_one_line(converted, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of a conversion (simulated: the writer fails on the third tensor, as TensorStore does,
+    with a bare Exception): exit 2, one line naming the folder and the tensor, nothing left at the destination."""
+    real = l4jax_format._writer
+
+    class Filling:
+        def __init__(self):
+            self.inner, self.n = real(), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def save(self, *args, **kw):
+            self.n += 1
+            if self.n == 3:
+                raise Exception("OUT_OF_RANGE: Error writing local file: [OS error 28: No space left on device]")
+            return self.inner.save(*args, **kw)
+    monkeypatch.setattr(l4jax_format, "_writer", Filling)
+    assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "out")]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"l4jax: {tmp_path / 'out'}: writing parameter ") and "No space left on device" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_interrupted_conversion_leaves_nothing(converted, tmp_path):
     def items():
         yield ("embed",), np.zeros((3, 4), np.float32)
