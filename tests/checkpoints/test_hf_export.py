@@ -58,6 +58,7 @@ def test_transformers_loads_the_export_with_our_logits(exported):
     np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_sharded_model_exports_the_same_bytes(exported, tmp_path):
     sharded = l4jax.load(exported / "l4", mesh=l4jax.make_mesh(data=2, expert=2, tensor=2))
     sharded.save_pretrained(tmp_path / "m")

@@ -83,6 +83,7 @@ def _tok():
     return Tokenizer(data_lib.corpus_dir())
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text, tmp_path):
     # An absurd learning rate: step 1 is finite (its loss is computed before the update), then the weights blow up.
     tc = TrainConfig(data=(text,), **dict(SMALL, lr=1e30, warmup_steps=0, save_every=1))
@@ -95,6 +96,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text, tmp_path
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_init_from_a_model_of_another_shape_names_the_fields(text, tmp_path):
     other = l4jax.init(load_config({**load_config("tiny").text.to_hf(), "hidden_size": 64, "vocab_size": 520}))
     other.save(tmp_path / "other")
