@@ -22,7 +22,7 @@ from .data.images import ImageProcessor, encode_with_images
 from .data.tokenizer import IMAGE, IncrementalDecoder, Tokenizer, chat_prompt
 from .infer import load
 from .infer.generate import stream
-from .infer.load import abstract_model
+from .infer.load import abstract_model, model_config
 from .model.gmm import IMPLS
 from .model.vision import check_image_tokens
 from .parallel import make_mesh, parse_mesh, simulate_cpu_devices
@@ -35,7 +35,7 @@ from .train.settings import TrainConfig
 
 
 def _info(args) -> int:
-    cfg = load_config(args.model)
+    cfg = model_config(args.model)
     t = cfg.text
     print(f"text decoder: {t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads} q / "
           f"{t.num_key_value_heads} kv heads x {t.head_dim}, vocab {t.vocab_size}")

@@ -119,3 +119,26 @@ def test_ctrl_c_during_training_then_resume(tmp_path):
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=repo, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model").is_dir()
+
+
+@pytest.mark.parametrize("case", ["empty config.json", "gpt2 config.json", "lr: fast", "hidden_sise"])
+def test_bad_files_through_the_cli_are_one_line(case, folder, tmp_path, capsys):
+    """The issue's file cases through the commands a user types: exit 2, one line naming the culprit."""
+    import yaml
+    from l4jax.config import PRESET_DIR
+    tiny = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
+    if case.endswith("config.json"):
+        (tmp_path / "config.json").write_text("{}" if case.startswith("empty") else '{"model_type": "gpt2"}')
+        argv, culprit = ["info", str(tmp_path)], "config.json: Llama4Config.model_type"
+    elif case == "lr: fast":
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**tiny, "train": {**tiny["train"], "lr": "fast"}}))
+        argv, culprit = ["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")], \
+            "c.yaml: TrainConfig.lr: must be a number, got 'fast'"
+    else:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**tiny, "hidden_sise": 64}))
+        argv, culprit = ["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")], \
+            "TextConfig.hidden_sise: unknown field; did you mean 'hidden_size'?"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 Llama4ForConditionalGeneration on a tiny random VLM (fp32), with its own tokenizer and images made on the spot."""
 
 import json
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,15 @@ def test_cli_generate_with_images(vlm, hf_generated, capsys):
     (folder / "not-an-image.png").write_text("hello")
     assert main(argv[:-4] + ["--image", str(folder / "not-an-image.png")]) == 2
     assert "not-an-image.png: cannot read image" in capsys.readouterr().err
+    Image.new("L", (1, 1)).save(folder / "bomb.png")
+    raw = bytearray((folder / "bomb.png").read_bytes())
+    at = raw.index(b"IHDR")
+    raw[at + 4:at + 12] = (20000).to_bytes(4, "big") * 2  # a header claiming 20000 x 20000 pixels
+    raw[at + 17:at + 21] = zlib.crc32(bytes(raw[at:at + 17])).to_bytes(4, "big")
+    (folder / "bomb.png").write_bytes(bytes(raw))
+    assert main(argv[:-4] + ["--image", str(folder / "bomb.png")]) == 2
+    err = capsys.readouterr().err
+    assert "bomb.png: cannot read image: Image size (400000000 pixels) exceeds" in err and err.count("\n") == 1
     # Prompt text cannot inject image placeholders; other control tokens parse as transformers parses them.
     assert main(["generate", "--model", str(folder), "--prompt", "<|patch|><|patch|> what is this?"]) == 2
     assert "2 image placeholder tokens <|patch|>" in capsys.readouterr().err
