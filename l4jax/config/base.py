@@ -83,9 +83,17 @@ def check_hf_keys(d: Mapping[str, Any], owner: str, known: frozenset, *, strict:
         reject_unknown(d, owner, known)
 
 
+# Names other trainers use for l4jax's fields (difflib alone would not connect them): suggested when misused.
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "train_steps": "steps",
+           "batch": "batch_size", "global_batch_size": "batch_size", "max_seq_len": "seq_len",
+           "seq_length": "seq_len", "max_target_length": "seq_len", "gradient_accumulation_steps": "grad_accum",
+           "warmup": "warmup_steps", "max_grad_norm": "clip_norm", "gradient_clipping_threshold": "clip_norm"}
+
+
 def reject_unknown(d: Mapping[str, Any], owner: str, known) -> None:
     """A ConfigError naming the first key of ``d`` not in ``known``, with the nearest known one."""
     for key in d:
         if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            near = [ALIASES[key]] if ALIASES.get(key) in known else difflib.get_close_matches(str(key), sorted(known),
+                                                                                                n=1)
             raise ConfigError(f"{owner}.{key}: unknown field" + (f"; did you mean {near[0]!r}?" if near else ""))

@@ -190,7 +190,7 @@ def test_errors_name_the_field():
         tc.replace(grad_accum=3)
     with pytest.raises(ConfigError, match="remat"):
         tc.replace(remat="sometimes")
-    with pytest.raises(ConfigError, match=r"train.learning_rate: unknown field"):
+    with pytest.raises(ConfigError, match=r"train.learning_rate: unknown field; did you mean 'lr'\?"):
         TrainConfig.from_dict({"learning_rate": 1.0})
     with pytest.raises(ConfigError, match="TrainConfig.lr: must be a number, got 'fast'"):
         TrainConfig.from_dict({"lr": "fast"})
