@@ -42,11 +42,15 @@ class Kernels:
 
     @classmethod
     def for_platform(cls, platform: str, *, moe: str = "auto", attention: str = "auto",
-                     query_block: int = QUERY_BLOCK) -> "Kernels":
-        """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``moe="auto"`` is the native ragged dot on a TPU and
-        the tile schedule elsewhere; ``attention="auto"`` the fused kernel on a GPU and the XLA paths elsewhere."""
+                     query_block: int = QUERY_BLOCK, training: bool = False) -> "Kernels":
+        """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``moe="auto"`` is the native ragged dot for
+        inference on a TPU and the tile schedule elsewhere; ``attention="auto"`` the fused kernel on a GPU and the
+        XLA paths elsewhere.
+
+        Training keeps the tile schedule on TPUs too: compiled for a v5e (jax 0.10.2), the backward pass of
+        ``lax.ragged_dot`` fails in Mosaic ("Bad lhs type"), with or without a float32 result type."""
         if moe == "auto":
-            moe = "ragged_dot" if platform == "tpu" else "scan"
+            moe = "ragged_dot" if platform == "tpu" and not training else "scan"
         if attention == "auto":
             attention = "flash" if platform in ("gpu", "cuda") else "xla"
         return cls(moe, attention, query_block)

@@ -56,7 +56,7 @@ class Trainer:
         self.aux = tc.load_balance > 0 or tc.z_loss > 0
         self.part = partitioning(cfg, mesh)
         kernels = Kernels.for_platform(platform(mesh), moe=tc.moe_impl, attention=tc.attention_impl,
-                                       query_block=tc.query_block)
+                                       query_block=tc.query_block, training=True)
         # Without a teacher the loss applies the LM head itself, a block of tokens at a time (no [B, T, V] logits).
         self.module = Llama4Text(cfg, self.part, kernels, dtype=jnp.dtype(tc.compute_dtype),
                                  param_dtype=jnp.dtype(tc.param_dtype), scan=tc.scan, remat=tc.remat,
