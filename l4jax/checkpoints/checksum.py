@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import tree as tree_lib
+
 MOD = 65521
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 _BLOCK = 1 << 22  # host elements per step: bounds the temporaries of the numpy version
@@ -61,7 +63,5 @@ def _tree_sums(tree):
 
 def of_tree(tree) -> dict[str, str]:
     """'/'-joined path -> checksum of every jax array leaf of a nested dict, in one device call."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     sums = jax.device_get(_tree_sums(tree))
-    names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat]
-    return {n: _format(*np.asarray(v)) for n, v in zip(names, jax.tree.leaves(sums))}
+    return {"/".join(path): _format(*np.asarray(v)) for path, v in tree_lib.leaves(sums)}

@@ -21,7 +21,8 @@ from ..checkpoints import l4jax_format
 from . import lora_files
 
 MARKER = "l4jax-run.json"
-WRITTEN = ("checkpoints", "metrics.jsonl", "model", "adapters", "hf", MARKER)
+EXPORTS = ("model", "adapters", "hf")  # written beside their place and renamed in (leftovers: .<name>.partial)
+WRITTEN = ("checkpoints", "metrics.jsonl", *EXPORTS, MARKER)
 
 
 class RunFolderError(RuntimeError):
@@ -37,8 +38,8 @@ def _foreign(out: Path) -> Path | None:
     """The first entry of a run folder that no run writes, or that is not in its writer's format."""
     for entry in sorted(out.iterdir()):
         name = entry.name
-        leftover = name.startswith(".") and name.endswith((".partial", ".old")) and name[1:].rsplit(".", 1)[0] in (
-            "model", "adapters", "hf")
+        leftover = name.startswith(".") and name.endswith((".partial", ".old")) and name[1:].rsplit(".", 1)[0] in \
+            EXPORTS
         if name not in WRITTEN and not leftover:
             return entry
         if name == "model" and not l4jax_format.is_checkpoint(entry):
