@@ -19,7 +19,7 @@ from .checkpoints import hf_import, l4jax_format
 from .checkpoints.hf_import import CheckpointError
 from .config import ConfigError, config_path, dtype_name, load_config, read_document
 from .data.images import ImageProcessor, encode_with_images
-from .data.tokenizer import IMAGE, IncrementalDecoder, Tokenizer, chat_prompt
+from .data.tokenizer import IMAGE, IncrementalDecoder, Tokenizer
 from .infer import load
 from .infer.generate import stream
 from .infer.load import abstract_model, model_config
@@ -72,17 +72,43 @@ def _text_argument(text: str, flag: str) -> str:
     return text
 
 
+def _json_file(path: str, flag: str, key: str):
+    """The list in a JSON file (or under ``key`` of the object it holds), for --messages / --tools."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path}: not UTF-8 text") from None
+    if isinstance(value, dict) and key in value:
+        value = value[key]
+    if not isinstance(value, list):
+        raise ValueError(f"{flag} {path}: expected a JSON list of {key} (or an object with a {key!r} list)")
+    return value
+
+
+def _prompt_text(args, tok: Tokenizer, n_images: int) -> str:
+    """The prompt as text: rendered with the model folder's chat template (--chat, --messages), or as given."""
+    if (args.prompt is None) == (args.messages is None):
+        raise ValueError("give either --prompt TEXT or --messages FILE")
+    tools = None if args.tools is None else _json_file(args.tools, "--tools", "tools")
+    if args.messages is not None:
+        return tok.chat_prompt(_json_file(args.messages, "--messages", "messages"), tools=tools)
+    prompt = _text_argument(args.prompt, "--prompt")
+    if args.chat or tools is not None:  # images first, then the text, in one user message
+        parts = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return tok.chat_prompt([{"role": "user", "content": parts if n_images else prompt}], tools=tools)
+    # A raw prompt places its images with <|image|>; without any, they go first.
+    return prompt if IMAGE in prompt or not n_images else IMAGE * n_images + prompt
+
+
 def _generate(args) -> int:
-    args.prompt = _text_argument(args.prompt, "--prompt")
     dtype = None if args.dtype is None else dtype_name(args.dtype, "--dtype", ("float32", "bfloat16"))
     images = args.image or []
-    model = load(args.model, dtype=dtype, mesh=_mesh(args.mesh), vision=bool(images))  # the tower only with images
+    model_config(args.model)  # names a missing or broken model folder before the prompt is looked at
     tok = Tokenizer(args.model)
-    if args.chat:  # images first, then the text, in one user message
-        parts = [{"type": "image"}] * len(images) + [{"type": "text", "text": args.prompt}]
-        text = chat_prompt([{"role": "user", "content": parts if images else args.prompt}])
-    else:  # a raw prompt places its images with <|image|>; without any, they go first
-        text = args.prompt if IMAGE in args.prompt or not images else IMAGE * len(images) + args.prompt
+    text = _prompt_text(args, tok, len(images))
+    model = load(args.model, dtype=dtype, mesh=_mesh(args.mesh), vision=bool(images))  # the tower only with images
     pixels = None
     if images:
         processor = ImageProcessor.from_folder(args.model, model.config.vision.image_size)
@@ -228,8 +254,13 @@ def _parser() -> argparse.ArgumentParser:
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="stream a completion from an HF model folder (with tokenizer.json)")
     gen.add_argument("--model", required=True, help="HF model folder: config.json, safetensors, tokenizer.json")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Llama 4 chat template")
+    gen.add_argument("--prompt", default=None, help="the prompt text (or --messages)")
+    gen.add_argument("--chat", action="store_true", help="render the prompt as a user message with the model "
+                                                         "folder's chat template (the official Llama 4 one if none)")
+    gen.add_argument("--messages", default=None, metavar="FILE", help="a conversation to continue: a JSON list of "
+                     "messages (or {\"messages\": [...]}), rendered with the chat template; images as image parts")
+    gen.add_argument("--tools", default=None, metavar="FILE", help="tool JSON schemas (a list, or {\"tools\": [...]}) "
+                                                                    "for the chat template; implies --chat")
     gen.add_argument("--image", action="append", default=None, metavar="PATH",
                      help="an image file (repeatable); with --chat the images precede the prompt, without it each "
                           "<|image|> in the prompt takes the next one (or they all go first)")

@@ -1,5 +1,6 @@
 """The l4jax command line, end to end on a tiny checkpoint with its own tokenizer."""
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import torch
 from l4jax import cli
 from l4jax.cli import main
 from l4jax.parallel import parse_mesh
-from l4jax.data.tokenizer import Tokenizer, chat_prompt
+from l4jax.data.chat import chat_prompt
+from l4jax.data.tokenizer import Tokenizer
 from tiny import hf_model, make_tokenizer, save
 
 
@@ -45,6 +47,30 @@ def test_generate_streams_the_same_text_as_transformers(folder, capsys, extra):
     expect = hf_text(model, Tokenizer(path), text, 12)
     assert capsys.readouterr().out == expect + "\n"
     assert len(expect) > 0
+
+
+def test_generate_continues_a_conversation_with_tools(folder, capsys, tmp_path):
+    path, model = folder
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What time is it?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "now", "arguments": {}}}]},
+                {"role": "tool", "content": {"time": "12:00"}}]
+    (tmp_path / "m.json").write_text(json.dumps({"messages": messages}))
+    (tmp_path / "t.json").write_text(json.dumps(tools))
+    assert main(["generate", "--model", str(path), "--messages", str(tmp_path / "m.json"), "--tools",
+                 str(tmp_path / "t.json"), "--max-new-tokens", "6"]) == 0
+    text = chat_prompt(messages, tools=tools)
+    assert "<|python_start|><|python_end|>" in text and '"name": "now"' in text
+    assert capsys.readouterr().out == hf_text(model, Tokenizer(path), text, 6) + "\n"
+    (tmp_path / "bad.json").write_text('[{"role": "user", "content": "x"},]')
+    for argv, message in ((["--prompt", "x", "--messages", str(tmp_path / "m.json")], "either --prompt"),
+                          (["--messages", str(tmp_path / "bad.json")], "bad.json: not JSON (line 1"),
+                          (["--messages", str(tmp_path / "t.json")], "expected a dict with a 'role'"),
+                          (["--prompt", "x", "--tools", str(tmp_path / "nope.json")], "nope.json")):
+        assert main(["generate", "--model", str(path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_info_and_errors(folder, capsys):

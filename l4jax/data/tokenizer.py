@@ -1,4 +1,4 @@
-"""Text side of inference: the HF ``tokenizer.json`` tokenizer, streaming decode, and the Llama 4 chat template.
+"""Text side of inference: the HF ``tokenizer.json`` tokenizer and streaming decode (chat templates: ``chat``).
 
 ``Tokenizer`` wraps the ``tokenizers`` library (the same Rust tokenizer ``transformers`` uses), so ids match
 ``PreTrainedTokenizerFast`` exactly. Special tokens (ids from the reference's converter, for the real vocabulary):
@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from . import chat
+from .chat import chat_prompt  # noqa: F401  (the official template; kept importable from here)
+
 BOS = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 HEADER_START = "<|header_start|>"
@@ -27,7 +30,6 @@ EOT = "<|eot|>"        # end of turn
 IMAGE = "<|image|>"    # one per image in the prompt; the vision processor expands it into tiles of <|patch|>
 
 STOP_TOKENS = (EOT, EOM, END_OF_TEXT)
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -97,6 +99,10 @@ class Tokenizer:
         eos = named_id("eos_token")
         eos_ids = ([] if eos is None else [eos]) + config_ids("eos_token_id")
         self._eos_ids = tuple(dict.fromkeys(eos_ids))       # de-duplicated, first mention first
+        # The special-token strings a chat template sees (bos_token, eos_token, ...), as transformers passes them.
+        self._template_tokens = {k: _token_content(tok_cfg[k]) for k in ("bos_token", "eos_token", "pad_token",
+                                                                         "unk_token") if tok_cfg.get(k) is not None}
+        self._template_tokens.setdefault("bos_token", self._tok.id_to_token(bos) if bos is not None else BOS)
 
     def _register_added_tokens(self, tok_cfg: Mapping[str, Any], where: Path) -> None:
         """Add tokens that tokenizer_config.json declares but tokenizer.json lacks, and check the declared ids.
@@ -156,6 +162,20 @@ class Tokenizer:
         """
         ids = (self._tok.token_to_id(t) for t in STOP_TOKENS)
         return tuple(i for i in ids if i is not None)
+
+    # -- chat ---------------------------------------------------------------------------------------------------
+    def chat_template(self) -> tuple[str, str]:
+        """(template text, its source): the folder's own template (``chat.folder_template``), else the official
+        Llama 4 template shipped with l4jax."""
+        return chat.folder_template(self.path) or (chat.official_template(), f"the official template ({chat.OFFICIAL})")
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """Render ``messages`` (and ``tools``) with this folder's chat template, as transformers'
+        ``apply_chat_template(..., tokenize=False)`` does; ``encode`` the result (it starts with BOS)."""
+        template, source = self.chat_template()
+        return chat.render(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           source=source, **self._template_tokens)
 
     # -- text <-> ids ---------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -228,49 +248,3 @@ class IncrementalDecoder:
         # Decoded on its own, as the next window will see it (not sliced from text), so the next diff lines up.
         self._prefix = self._decode(self._ids[self._start:self._done])
         return new
-
-
-def _render_content(content: Any, index: int) -> str:
-    """A message's content: a string, or a list of {"type": "text", "text": ...} / {"type": "image"} parts."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, Sequence) or isinstance(content, (bytes, bytearray)):
-        raise ValueError(f"message {index}: content must be a str or a list of parts, got {type(content).__name__}")
-    out = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind == "text":
-            out.append(part["text"])
-        elif kind == "image":
-            out.append(IMAGE)
-        else:
-            raise ValueError(f"message {index}: unknown content part {part!r}; expected type 'text' or 'image'")
-    return "".join(out)
-
-
-def chat_prompt(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-    """Render a conversation with the Llama 4 instruct template (as ``transformers``' Llama4Processor does):
-
-    ``<|begin_of_text|>`` then, per message, ``<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>``, and
-    with ``add_generation_prompt`` a final ``<|header_start|>assistant<|header_end|>\\n\\n`` for the model to
-    continue. Roles: system, user, assistant. Image parts render as ``<|image|>``; the vision processor expands
-    each into its tiles later. As in the reference template, a leading system message is stripped of surrounding
-    whitespace and nothing else is. Tool calls and tool results are not rendered (ValueError), since their
-    format differs between Meta's and the serving stacks' templates.
-    """
-    out = [BOS]
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
-        role = message["role"]
-        if role not in CHAT_ROLES:
-            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
-        if message.get("tool_calls"):
-            raise ValueError(f"message {i}: tool_calls are not supported by chat_prompt")
-        text = _render_content(message["content"], i)
-        if i == 0 and role == "system":
-            text = text.strip()
-        out.append(f"{HEADER_START}{role}{HEADER_END}\n\n{text}{EOT}")
-    if add_generation_prompt:
-        out.append(f"{HEADER_START}assistant{HEADER_END}\n\n")
-    return "".join(out)

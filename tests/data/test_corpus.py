@@ -6,7 +6,7 @@ import random
 from l4jax import data
 from l4jax.config import load_config
 from l4jax.data import corpus
-from l4jax.data.tokenizer import chat_prompt
+from l4jax import chat_prompt
 
 REPO = data.corpus_dir().parents[2]
 

@@ -1,5 +1,5 @@
-"""Tokenizer, streaming decoder and chat template, on a small byte-level BPE built here (nothing is downloaded),
-checked by hand and against transformers' PreTrainedTokenizerFast and its Llama 4 chat template."""
+"""Tokenizer and streaming decoder, on a small byte-level BPE built here (nothing is downloaded), checked by hand and
+against transformers' PreTrainedTokenizerFast (chat templates: test_chat.py)."""
 
 import json
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
-from transformers.models.llama4.processing_llama4 import chat_template as HF_LLAMA4_CHAT_TEMPLATE
 
-from l4jax.data.tokenizer import IncrementalDecoder, Tokenizer, chat_prompt
+from l4jax.data.chat import chat_prompt
+from l4jax.data.tokenizer import IncrementalDecoder, Tokenizer
 from tiny import SPECIALS, make_tokenizer
 
 TEXTS = ["naïve café 日本", "Hello world", "  leading and trailing spaces  ",
@@ -146,54 +146,3 @@ def test_incremental_decoder_skips_specials_and_flushes_invalid_tail(tok):
     assert dec.push(tok.token_id("æ")) == ""
     assert dec.flush() == "\ufffd"
     assert dec.push(np.int32(tok.token_id("b"))) == "b"
-
-
-# -- chat template ------------------------------------------------------------------------------------------------
-def test_chat_prompt_by_hand():
-    messages = [{"role": "system", "content": "  You are terse.\n"},
-                {"role": "user", "content": "Hi!"},
-                {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    assert chat_prompt(messages) == (
-        "<|begin_of_text|>"
-        "<|header_start|>system<|header_end|>\n\nYou are terse.<|eot|>"
-        "<|header_start|>user<|header_end|>\n\nHi!<|eot|>"
-        "<|header_start|>assistant<|header_end|>\n\nHello.<|eot|>"
-        "<|header_start|>user<|header_end|>\n\n<|image|>What is this?<|eot|>"
-        "<|header_start|>assistant<|header_end|>\n\n")
-    assert chat_prompt([{"role": "user", "content": " x "}], add_generation_prompt=False) == (
-        "<|begin_of_text|><|header_start|>user<|header_end|>\n\n x <|eot|>")
-
-
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": "naïve café 日本?"}],
-    [{"role": "system", "content": " sys \n"}, {"role": "user", "content": " u "},
-     {"role": "assistant", "content": "a\n"}, {"role": "user", "content": "again"}],
-    [{"role": "user", "content": [{"type": "text", "text": "two images: "}, {"type": "image"},
-                                  {"type": "text", "text": " and "}, {"type": "image"}]}],
-    [{"role": "system", "content": [{"type": "text", "text": "\tsystem as parts "}]},
-     {"role": "user", "content": "q"}, {"role": "system", "content": " late system "}],
-])
-@pytest.mark.parametrize("gen", [True, False])
-def test_chat_prompt_matches_transformers_template(hf, messages, gen):
-    expect = hf.apply_chat_template(messages, chat_template=HF_LLAMA4_CHAT_TEMPLATE, tokenize=False,
-                                    add_generation_prompt=gen)
-    assert chat_prompt(messages, add_generation_prompt=gen) == expect
-
-
-def test_chat_prompt_ids_match_transformers(tok, hf):
-    messages = [{"role": "user", "content": "naïve café 日本?"}, {"role": "assistant", "content": "はい"}]
-    expect = hf.apply_chat_template(messages, chat_template=HF_LLAMA4_CHAT_TEMPLATE, tokenize=True,
-                                    add_generation_prompt=True, return_dict=False)
-    assert tok.encode(chat_prompt(messages)) == list(expect)
-
-
-def test_chat_prompt_errors():
-    with pytest.raises(ValueError, match=r"message 1: unknown role 'tool'; expected one of system, user, assistant"):
-        chat_prompt([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
-    with pytest.raises(ValueError, match=r"message 0: unknown content part \{'type': 'video'\}"):
-        chat_prompt([{"role": "user", "content": [{"type": "video"}]}])
-    with pytest.raises(ValueError, match=r"message 0 must be a dict with 'role' and 'content'"):
-        chat_prompt([{"content": "no role"}])
-    with pytest.raises(ValueError, match=r"message 0: tool_calls are not supported"):
-        chat_prompt([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}])

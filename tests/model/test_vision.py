@@ -17,7 +17,8 @@ from l4jax.config import load_config
 from l4jax.parallel import param_shardings, partitioning
 from l4jax.checkpoints.hf_names import VISION_PREFIXES, vision_sources
 from l4jax.data.images import ImageProcessor, encode_with_images
-from l4jax.data.tokenizer import Tokenizer, chat_prompt
+from l4jax import chat_prompt
+from l4jax.data.tokenizer import Tokenizer
 from l4jax.model.vision import (ImageEncoder, VisionModel, abstract_vision_params, merge_image_features, pixel_shuffle)
 from tiny import CONFIGS, make_tokenizer
 
