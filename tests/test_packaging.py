@@ -1,4 +1,4 @@
-"""A non-editable install carries what l4jax reads at run time: the presets and the shipped corpus."""
+"""A non-editable install carries what l4jax reads at run time: the presets, the shipped corpus and chat template."""
 
 import subprocess
 import sys
@@ -21,3 +21,4 @@ def test_the_wheel_holds_the_presets_and_the_corpus(tmp_path):
     assert presets >= {"tiny.yaml", "scout.yaml", "maverick.yaml", "behemoth.yaml", "bench.yaml"}
     assert {f"l4jax/config/presets/{n}" for n in presets} <= names
     assert {"l4jax/data/corpus/aesop.txt", "l4jax/data/corpus/tokenizer.json"} <= names
+    assert "l4jax/data/templates/llama4.jinja" in names
