@@ -14,6 +14,7 @@ full, so host memory holds at most one shard; all is written into a temporary fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,10 +22,11 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from .. import tree
 from ..config import Llama4Config
+from ..parallel.distributed import to_numpy
+from . import safetensors_file
 from .atomic import atomic_dir
 from .hf_names import Source, sources
 from .l4jax_format import SIDE_FILES, first_line
@@ -46,18 +48,40 @@ def _place(out: np.ndarray, s: Source, value: np.ndarray) -> None:
     out[s.part or ...] = value.T if s.transpose else value
 
 
-def hf_tensors(config: Llama4Config, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF key, host array) for every tensor of the HF checkpoint, one at a time, in ``sources`` order."""
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One tensor of the HF checkpoint: its key, shape and dtype, and the l4jax parameters it is made of."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    parts: tuple[Source, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def assemble(self, params: dict) -> np.ndarray:
+        """The tensor on the host, each part gathered (every process must call this) and placed in turn."""
+        out = np.empty(self.shape, self.dtype)
+        for s in self.parts:
+            _place(out, s, to_numpy(tree.get(params, s.path)))
+        return out
+
+
+def hf_plan(config: Llama4Config, params: dict, dtype=None) -> list[HFTensor]:
+    """Every HF tensor, in ``sources`` order, from the parameters' shapes and dtypes (nothing is fetched)."""
     groups: dict[str, list[Source]] = {}
     for s in sources(config, *_layout(config)):
         groups.setdefault(s.key, []).append(s)
-    for key, parts in groups.items():
-        values = [np.asarray(jax.device_get(tree.get(params, s.path))) for s in parts]
-        out = np.empty(parts[0].shape, dtype or values[0].dtype)
-        for s, v in zip(parts, values):
-            _place(out, s, v)
-        del values
-        yield key, out
+    return [HFTensor(key, parts[0].shape, np.dtype(dtype or tree.get(params, parts[0].path).dtype), tuple(parts))
+            for key, parts in groups.items()]
+
+
+def hf_tensors(config: Llama4Config, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, host array) for every tensor of the HF checkpoint, one at a time, in ``sources`` order."""
+    for t in hf_plan(config, params, dtype):
+        yield t.key, t.assemble(params)
 
 
 def save_hf(config: Llama4Config, params: dict, out: str | Path, *, dtype=None, shard_size: int = SHARD_SIZE,
@@ -65,59 +89,57 @@ def save_hf(config: Llama4Config, params: dict, out: str | Path, *, dtype=None, 
             overwrite: bool = False) -> Path:
     """Write ``params`` (text and, with a vision config, ``vision_model`` and ``projector``) as an HF folder.
     ``hf_config``: the config.json to write (an l4jax checkpoint keeps its source's, field for field); default
-    ``config.to_hf()``."""
+    ``config.to_hf()``. With several processes every process calls this (each takes part in gathering)."""
     if hf_config is not None and Llama4Config.from_hf(hf_config) != config:
         raise ValueError("hf_config: describes another model than the parameters' config")
     if shard_size < 1:
         raise ValueError(f"shard_size: must be a positive number of bytes, got {shard_size}")
     out = Path(out).absolute()
+    shards = shard_plan(hf_plan(config, params, dtype), shard_size)
     with atomic_dir(out, overwrite=overwrite, what="Hugging Face export") as tmp:
+        for name, tensors in shards.items():
+            _write_shard(tmp / name, tensors, params)
         if jax.process_index() == 0:
-            shards = _write_shards(hf_tensors(config, params, dtype), tmp, shard_size)
             _write_index(tmp, shards)
             (tmp / "config.json").write_text(json.dumps(hf_config or config.to_hf(), indent=2))
             if side_files_from is not None:
                 for f in SIDE_FILES:
                     if (Path(side_files_from) / f).is_file():
                         shutil.copy2(Path(side_files_from) / f, tmp / f)
-        else:  # every process takes part in fetching each sharded tensor
-            for _ in hf_tensors(config, params, dtype):
-                pass
     return out
 
 
-def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], folder: Path, shard_size: int) -> list[dict]:
-    """Group tensors into files of at most ``shard_size`` bytes, written as they fill; returns each file's keys
-    (named model-<i>.safetensors here, renamed with the count by ``_write_index``)."""
-    shards, pending, size = [], {}, 0
-
-    def flush():
-        nonlocal pending, size
-        if pending:
-            name = f"model-{len(shards) + 1:05d}.safetensors"
-            try:
-                save_file(pending, str(folder / name), metadata={"format": "pt"})
-            except Exception as e:  # a full disk or an I/O error
-                raise OSError(f"{folder}: writing {name} failed: {first_line(e)}") from e
-            shards.append({"file": name, "keys": list(pending), "bytes": size})
-        pending, size = {}, 0
-
-    for key, array in tensors:
-        if pending and size + array.nbytes > shard_size:
-            flush()
-        pending[key], size = array, size + array.nbytes
-    flush()
-    return shards
+def shard_plan(tensors: list[HFTensor], shard_size: int) -> dict[str, list[HFTensor]]:
+    """File name -> its tensors: files of at most ``shard_size`` bytes (a larger tensor alone in its own), named
+    model-0000i-of-0000n.safetensors, or model.safetensors when one file holds everything."""
+    groups, size = [[]], 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > shard_size:
+            groups, size = groups + [[]], 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    return {"model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors": g
+            for i, g in enumerate(groups, 1)}
 
 
-def _write_index(folder: Path, shards: list[dict]) -> None:
-    """Name the shards model-0000i-of-0000n (one file: model.safetensors) and write the index."""
-    n, weight_map = len(shards), {}
-    for i, shard in enumerate(shards, 1):
-        name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        (folder / shard["file"]).rename(folder / name)
-        weight_map.update({k: name for k in shard["keys"]})
-    if n > 1:
-        total = sum(s["bytes"] for s in shards)
+def _write_shard(path: Path, tensors: list[HFTensor], params: dict) -> None:
+    """Stream one shard's tensors into ``path`` (process 0); the other processes gather alongside."""
+    arrays = (t.assemble(params) for t in tensors)
+    if jax.process_index() != 0:
+        for _ in arrays:
+            pass
+        return
+    try:
+        safetensors_file.write(path, [(t.key, t.shape, t.dtype) for t in tensors], arrays, {"format": "pt"})
+    except OSError as e:  # a full disk or an I/O error
+        raise OSError(f"{path.parent}: writing {path.name} failed: {first_line(e)}") from e
+
+
+def _write_index(folder: Path, shards: dict[str, list[HFTensor]]) -> None:
+    """``model.safetensors.index.json`` (the weight map and total size), when there is more than one shard."""
+    if len(shards) > 1:
+        weight_map = {t.key: name for name, tensors in shards.items() for t in tensors}
+        total = sum(t.nbytes for tensors in shards.values() for t in tensors)
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -2,6 +2,7 @@
 folder loads in transformers with l4jax's logits; sharded models export the same bytes."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from safetensors.numpy import load_file
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 import l4jax
+from l4jax.checkpoints.hf_export import hf_plan
 from l4jax.cli import main
 from tiny import batch, hf_model, save
 
@@ -56,6 +58,23 @@ def test_transformers_loads_the_export_with_our_logits(exported):
         ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=1e-5)
+
+
+def test_host_memory_holds_one_tensor_at_a_time(exported, tmp_path):
+    """One file for everything (no shard limit): the host still holds only the tensor being written (traced numpy
+    allocations; the whole model is several times the largest tensor, so writing it at once would show)."""
+    model = l4jax.load(exported / "l4")
+    sizes = [t.nbytes for t in hf_plan(model.config, model.params)]
+    assert sum(sizes) > 5 * max(sizes)
+    tracemalloc.start()
+    try:
+        model.save_pretrained(tmp_path / "m", shard_size=10**12)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * max(sizes) + 2**18, (peak, max(sizes), sum(sizes))
+    ref, got = tensors(exported / "hf"), tensors(tmp_path / "m")
+    assert sorted(ref) == sorted(got) and all(ref[k].tobytes() == got[k].tobytes() for k in ref)
 
 
 @pytest.mark.slow

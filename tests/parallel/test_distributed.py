@@ -3,7 +3,8 @@
 Each worker is a fresh Python process (the device count is fixed at jax import), joins the job through
 ``l4jax.distributed.initialize``, loads the checkpoint onto a mesh over all 8 global devices (each process placing
 only its own shards), runs the forward and gathers the logits; then saves the sharded model as an l4jax (Orbax)
-checkpoint from both processes and restores it onto another mesh.
+checkpoint from both processes and restores it onto another mesh, and exports it to Hugging Face (process 0
+writes while both gather each tensor), byte for byte the checkpoint it came from.
 """
 
 import os
@@ -11,8 +12,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 import l4jax
 from tiny import batch, hf_logits, hf_model, rel_err, save
@@ -24,7 +27,7 @@ WORKER = textwrap.dedent("""
     import numpy as np
     import l4jax
 
-    address, pid, folder, data, out, saved = sys.argv[1], int(sys.argv[2]), *sys.argv[3:7]
+    address, pid, folder, data, out, saved, hf_out = sys.argv[1], int(sys.argv[2]), *sys.argv[3:8]
     l4jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=pid)
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     ids, mask = np.load(data)["ids"], np.load(data)["mask"]
@@ -40,6 +43,7 @@ WORKER = textwrap.dedent("""
     model.save(saved)
     restored = l4jax.load(saved, mesh=l4jax.make_mesh(fsdp=2, tensor=4))
     results["saved_then_restored"] = l4jax.distributed.to_numpy(restored(ids, mask))
+    restored.save_pretrained(hf_out, shard_size=40_000)  # several shards, each tensor gathered from both processes
     if l4jax.distributed.is_main():
         np.savez(out, **results)
     l4jax.distributed.sync("done")
@@ -67,7 +71,7 @@ def test_two_processes_match_one(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "logits.npz"
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i), folder, str(tmp_path / "batch.npz"),
-                               str(out), str(tmp_path / "saved")],
+                               str(out), str(tmp_path / "saved"), str(tmp_path / "hf_export")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = []
@@ -88,3 +92,13 @@ def test_two_processes_match_one(tmp_path):
         assert got.shape == single.shape, name
         np.testing.assert_allclose(got[real], single[real], rtol=0, atol=1e-5, err_msg=name)
         assert rel_err(got, ref, mask) <= 1e-4, name
+    source, exported = tensors(folder), tensors(tmp_path / "hf_export")
+    assert sorted(source) == sorted(exported) and len(list((tmp_path / "hf_export").glob("*.safetensors"))) > 2
+    assert all(source[k].tobytes() == exported[k].tobytes() for k in source)
+
+
+def tensors(folder) -> dict:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

@@ -1,0 +1,60 @@
+"""A safetensors file written one tensor at a time: the header first (every name, dtype, shape and offset is known
+from the shapes alone), then each tensor's bytes as it arrives, so host memory holds one tensor, not the file.
+
+The ``safetensors`` library writes a file from a dict of every tensor in memory (``save_file``); its format is
+small and fixed, so this writes the same layout: an 8-byte little-endian header length, a JSON header
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}} padded with spaces to a multiple
+of 8 bytes, then the tensors' C-order bytes back to back. Files are read back with ``safetensors`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
+          np.dtype(np.int16): "I16", np.dtype(np.uint16): "U16", np.dtype(np.float16): "F16",
+          np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int32): "I32", np.dtype(np.uint32): "U32",
+          np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64",
+          np.dtype(np.uint64): "U64", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
+          np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2"}
+
+
+def header(entries: Sequence[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[str, str] | None = None) -> bytes:
+    """The length prefix and JSON header of a file holding ``entries`` (name, shape, dtype) in this order."""
+    table, offset = {}, 0
+    for name, shape, dtype in entries:
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors name")
+        size = math.prod(shape) * dtype.itemsize
+        table[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        table = {"__metadata__": metadata, **table}
+    text = json.dumps(table, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+def write(path: str | Path, entries: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+          arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> int:
+    """Write ``arrays`` (one per entry, in order, e.g. a generator making each on demand) to ``path``; returns the
+    bytes written. Each array must have its entry's shape and dtype."""
+    n = 0
+    with open(path, "wb") as f:
+        f.write(header(entries, metadata))
+        for (name, shape, dtype), array in zip(entries, arrays, strict=True):
+            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise ValueError(f"{name}: got {array.dtype}{list(array.shape)}, the header says "
+                                 f"{np.dtype(dtype)}{list(shape)}")
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+            n += array.nbytes
+        f.flush()
+    return n
