@@ -48,12 +48,13 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def to_numpy(x: jax.Array) -> np.ndarray:
-    """The whole value of a (possibly multi-process) global array, as numpy, on every process.
+def to_numpy(x: jax.Array | np.ndarray) -> np.ndarray:
+    """The whole value of a (possibly multi-process) global array, as numpy, on every process (a host array is
+    returned as it is).
 
     Every process must call it (it is a collective when the array spans processes).
     """
-    if x.is_fully_addressable:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -27,7 +27,7 @@ from ..data import corpus, packing
 from ..data.tokenizer import Tokenizer
 from ..infer import Model, load
 from ..infer.load import model_config
-from . import flops, lora_files, run_folder
+from . import flops, lora_files, peft_files, run_folder
 from .settings import DistillSettings, TrainConfig
 from .step import Trainer
 
@@ -217,7 +217,8 @@ def _check(step: int, m: dict, saved: int | None) -> dict:
 
 def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir: Path, hf: bool = False) -> Path:
     """Write the trained model (adapters merged) as an l4jax checkpoint ``out/model`` with the tokenizer (with
-    ``hf`` also as a Hugging Face folder ``out/hf``), and the adapters alone to ``out/adapters``. Each is written
+    ``hf`` also as a Hugging Face folder ``out/hf``), and the adapters alone to ``out/adapters`` (with ``hf``, and
+    attention adapters only, also in the PEFT layout to ``out/peft``). Each is written
     beside its destination and renamed into place, replacing what an earlier export of this run left there
     (``run_folder`` has checked that nothing else is)."""
     target = out / "model"
@@ -228,6 +229,9 @@ def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir
         model.save_pretrained(out / "hf", side_files_from=tokenizer_dir, overwrite=True)
     if trainer.lora is not None:
         lora_files.save(out / "adapters", state["params"], trainer.lora, base=trainer.tc.init_from, overwrite=True)
+        if hf and not trainer.lora.experts:  # the PEFT form exists for attention adapters only
+            peft_files.save_peft(out / "peft", trainer.config, state["params"], trainer.lora,
+                                 base=trainer.tc.init_from, overwrite=True)
     return target
 
 

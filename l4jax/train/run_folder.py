@@ -6,6 +6,8 @@ else.
     out/metrics.jsonl         one JSON object per logged step
     out/model/                the final weights (an l4jax checkpoint), written atomically at the end
     out/adapters/             LoRA runs only: the adapters alone, written atomically at the end
+    out/hf/                   with --export-hf: the model (adapters merged) as a Hugging Face folder
+    out/peft/                 with --export-hf, LoRA runs on attention only: the adapters in the PEFT layout
 
 A new run takes only a folder that is new or empty. ``--resume`` takes only a folder some run marked, holding
 nothing but the names above (a leftover ``.model.partial`` of a killed export included), with ``model/`` and
@@ -18,10 +20,10 @@ import json
 from pathlib import Path
 
 from ..checkpoints import l4jax_format
-from . import lora_files
+from . import lora_files, peft_files
 
 MARKER = "l4jax-run.json"
-EXPORTS = ("model", "adapters", "hf")  # written beside their place and renamed in (leftovers: .<name>.partial)
+EXPORTS = ("model", "adapters", "hf", "peft")  # written beside their place and renamed in (leftovers: .<name>.partial)
 WRITTEN = ("checkpoints", "metrics.jsonl", *EXPORTS, MARKER)
 
 
@@ -47,6 +49,8 @@ def _foreign(out: Path) -> Path | None:
         if name == "adapters" and not (entry / lora_files.MANIFEST).is_file():
             return entry
         if name == "hf" and not (entry / "config.json").is_file():
+            return entry
+        if name == "peft" and not (entry / peft_files.CONFIG).is_file():
             return entry
     return None
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import torch
+from peft import PeftModel
+from transformers import Llama4ForCausalLM
 
 import l4jax
 from l4jax import data as data_lib
@@ -155,7 +158,7 @@ def test_lora_run_trains_adapters_only_and_merge_reproduces_the_adapted_logits(t
     base.save(tmp_path / "base")
     tc = TrainConfig(data=(text,), init_from=str(tmp_path / "base"), lora=LoraConfig(rank=4),
                      **dict(SMALL, steps=3))
-    run(config, tc, tmp_path / "run", progress=False)
+    run(config, tc, tmp_path / "run", progress=False, export_hf=True)
     adapters, lcfg = lora_files.load(tmp_path / "run" / "adapters")
     saved = {k for k, _ in lora_lib.adapters(adapters)}
     assert saved and all(path[-1] in ("q", "k", "v", "o") for path in saved)
@@ -167,6 +170,13 @@ def test_lora_run_trains_adapters_only_and_merge_reproduces_the_adapted_logits(t
     merged = l4jax.load(tmp_path / "run" / "model")
     np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(expected), atol=1e-5)
     assert np.abs(np.asarray(expected) - np.asarray(base(ids))).max() > 1e-4
+    # --export-hf: the adapters in the PEFT layout, applied by peft to the base model in transformers.
+    base.save_pretrained(tmp_path / "base-hf")
+    hf_base = Llama4ForCausalLM.from_pretrained(tmp_path / "base-hf", attn_implementation="eager").eval()
+    peft = PeftModel.from_pretrained(hf_base, str(tmp_path / "run" / "peft")).eval()
+    with torch.no_grad():
+        ref = peft(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ref, np.asarray(expected), atol=1e-4)
 
 
 @pytest.mark.slow
