@@ -94,8 +94,11 @@ class Tokenizer:
         if bos is None:
             bos = next(iter(config_ids("bos_token_id")), self._tok.token_to_id(BOS))
         self._bos_id = bos
-        pad = named_id("pad_token")
-        self._pad_id = pad if pad is not None else next(iter(config_ids("pad_token_id")), None)
+        # The pad id follows the model's config (generate pads with config.pad_token_id): config.json (or its
+        # text_config), then generation_config.json, and only then tokenizer_config.json's pad_token.
+        pads = (_as_id_list(model_cfg.get("pad_token_id")) + _as_id_list((model_cfg.get("text_config") or {})
+                .get("pad_token_id")) + _as_id_list(gen_cfg.get("pad_token_id")))
+        self._pad_id = pads[0] if pads else named_id("pad_token")
         eos = named_id("eos_token")
         eos_ids = ([] if eos is None else [eos]) + config_ids("eos_token_id")
         self._eos_ids = tuple(dict.fromkeys(eos_ids))       # de-duplicated, first mention first
@@ -145,7 +148,9 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int | None:
-        """tokenizer_config's pad_token (``<|finetune_right_pad|>`` for Llama 4), else config pad_token_id."""
+        """The config's ``pad_token_id`` (config.json, its text_config, then generation_config.json), as
+        ``generate`` and the model use it; else tokenizer_config's pad_token (``<|finetune_right_pad|>``, 200018
+        for Llama 4, in both)."""
         return self._pad_id
 
     def token_id(self, token: str) -> int:

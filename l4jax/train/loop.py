@@ -45,7 +45,8 @@ def _data(tc: TrainConfig, tokenizer_dir: Path) -> tuple[Tokenizer, packing.Pack
         else:
             paths.append(Path(p))
     docs = packing.tokenize(packing.read_documents(paths), tok)
-    return tok, packing.PackedDataset(docs, tc.seq_len, tc.batch_size, seed=tc.seed)
+    pad = tok.pad_id if tok.pad_id is not None else 0  # the config's pad id, as generate uses it
+    return tok, packing.PackedDataset(docs, tc.seq_len, tc.batch_size, seed=tc.seed, pad_id=pad)
 
 
 def _tokenizer_dir(tc: TrainConfig) -> Path:

@@ -106,6 +106,21 @@ def test_config_token_with_wrong_id_is_an_error(folder, tmp_path):
         Tokenizer(tmp_path)
 
 
+def test_the_pad_id_follows_the_config(folder, tmp_path):
+    """generate pads with config.pad_token_id; the tokenizer says the same id, whatever tokenizer_config says."""
+    src, base = folder
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (tmp_path / f).write_text((src / f).read_text())
+    assert Tokenizer(tmp_path).pad_id == base + 7                          # tokenizer_config's pad_token only
+    gen = json.loads((src / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(gen, pad_token_id=base + 1)))
+    assert Tokenizer(tmp_path).pad_id == base + 1                          # generation_config over tokenizer_config
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"pad_token_id": base + 2}}))
+    assert Tokenizer(tmp_path).pad_id == base + 2                          # the model's config over both
+    (tmp_path / "config.json").write_text(json.dumps({"pad_token_id": base + 3}))
+    assert Tokenizer(tmp_path).pad_id == base + 3
+
+
 def test_folder_without_configs(folder, tmp_path):
     src, base = folder
     (tmp_path / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
