@@ -5,6 +5,7 @@
     <dir>/model-0000i-of-0000n.safetensors shards of at most ``shard_size`` bytes (a larger tensor gets its own)
     <dir>/model.safetensors.index.json    the weight map
     <dir>/tokenizer*.json, ...            copied from the source model, when present
+    <dir>/generation_config.json          the source's, else bos / eos / pad ids from the config
 
 The key names and layouts are ``hf_names.sources`` read backwards: kernels transposed back to nn.Linear's
 [out, in], heads merged, each expert layer's gate and up fused back into ``gate_up_proj``. HF tensors are assembled
@@ -106,6 +107,11 @@ def save_hf(config: Llama4Config, params: dict, out: str | Path, *, dtype=None, 
                 for f in SIDE_FILES:
                     if (Path(side_files_from) / f).is_file():
                         shutil.copy2(Path(side_files_from) / f, tmp / f)
+            if not (tmp / "generation_config.json").is_file():  # as transformers derives it from the config
+                t = config.text
+                (tmp / "generation_config.json").write_text(json.dumps(
+                    {"bos_token_id": t.bos_token_id, "eos_token_id": list(t.eos_token_id),
+                     "pad_token_id": t.pad_token_id, "_from_model_config": True}, indent=2))
     return out
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from transformers import Llama4ForCausalLM, Llama4TextConfig
+from transformers import GenerationConfig, Llama4ForCausalLM, Llama4TextConfig
 
 import l4jax
 from l4jax.checkpoints.hf_export import hf_plan
 from l4jax.cli import main
-from tiny import batch, hf_model, save
+from tiny import batch, hf_logits, hf_model, rel_err, save
 
 
 def tensors(folder) -> dict:
@@ -44,6 +44,8 @@ def test_round_trip_is_byte_identical(exported):
     index = json.loads((exported / "back" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3 and set(index["weight_map"]) == set(ref)
     assert (exported / "back" / "tokenizer.json").read_text() == "{}"
+    assert (exported / "back" / "generation_config.json").read_text() == (exported / "hf" /
+                                                                          "generation_config.json").read_text()
     hf_cfg = Llama4TextConfig.from_pretrained(exported / "hf").to_dict()
     back_cfg = Llama4TextConfig.from_pretrained(exported / "back").to_dict()
     skip = {"transformers_version", "_name_or_path", "architectures", "dtype"}
@@ -58,6 +60,21 @@ def test_transformers_loads_the_export_with_our_logits(exported):
         ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=1e-5)
+
+
+def test_bf16_round_trip_and_logits(tmp_path):
+    """A bf16 checkpoint comes back bf16 and byte for byte; transformers' bf16 logits on the export are within the
+    bf16 bound documented in tests/model/test_decoder.py (3% of the largest logit)."""
+    save(hf_model("top2", seed=5, dtype=torch.bfloat16), tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "l4")]) == 0
+    assert main(["convert", "--from-l4jax", str(tmp_path / "l4"), "--to-hf", str(tmp_path / "back")]) == 0
+    ref, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
+    assert sorted(ref) == sorted(back) and {str(v.dtype) for v in back.values()} == {"bfloat16"}
+    assert all(ref[k].tobytes() == back[k].tobytes() for k in ref)
+    ids, mask, pos = batch()
+    exported = Llama4ForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    assert next(exported.parameters()).dtype == torch.bfloat16
+    assert rel_err(l4jax.load(tmp_path / "l4")(ids, mask), hf_logits(exported, ids, mask, pos), mask) <= 3e-2
 
 
 def test_host_memory_holds_one_tensor_at_a_time(exported, tmp_path):
@@ -83,6 +100,9 @@ def test_a_sharded_model_exports_the_same_bytes(exported, tmp_path):
     sharded.save_pretrained(tmp_path / "m")
     ref, got = tensors(exported / "hf"), tensors(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file()  # one shard under the default size: no index
+    gen = GenerationConfig.from_pretrained(tmp_path / "m")  # none to copy here: made from the config
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (
+        sharded.config.text.bos_token_id, list(sharded.config.text.eos_token_id), sharded.config.text.pad_token_id)
     assert all(ref[k].tobytes() == got[k].tobytes() for k in ref) and sorted(ref) == sorted(got)
 
 
