@@ -8,6 +8,7 @@ replicated, logits [B, T, V] split over batch and vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -120,6 +121,21 @@ class Model:
         else:
             out = self._forward_mm(self.params, self.vision_params, ids, mask, self._put(px))
         return out[:B] if out.shape[0] != B else out
+
+    def expert_load(self, input_ids, attention_mask=None) -> np.ndarray:
+        """[L_moe, E] counts: how many of the real tokens of input_ids [B, T] each MoE layer routes to each expert
+        (each token counts once for each of its top-k experts), layers in order. Text only; one device or a mesh."""
+        ids, mask = check_tokens(input_ids, attention_mask, self.config.text.vocab_size,
+                                 max_len=self.config.text.max_position_embeddings)
+        choices = self._choices(self.params, self._put(ids), self._put(mask))  # {layer: [B, T, k]}
+        E, real = self.config.text.num_local_experts, np.asarray(mask, bool)
+        return np.stack([np.bincount(np.asarray(choices[i])[real].ravel(), minlength=E) for i in sorted(choices)])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _choices(self, params, input_ids, attention_mask) -> dict[int, jax.Array]:
+        _, inter = self.module.apply({"params": params}, Inputs(input_ids, attention_mask), mutable=["intermediates"])
+        return {int(name[len("layers_"):]): layer["moe"]["experts"][0]
+                for name, layer in inter["intermediates"].items() if "moe" in layer}
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=None,

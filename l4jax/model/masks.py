@@ -64,3 +64,24 @@ def temperature_scales(q_index: jax.Array, floor_scale: float, attn_scale: float
     """
     p = q_index.astype(jnp.float32)
     return 1.0 + attn_scale * jnp.log1p(jnp.floor((p + 1.0) / floor_scale))
+
+
+def dense(attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+          chunk_size: int | None = None) -> jax.Array:
+    """Boolean [B, T, T]: what each query of a whole row sees in one layer, by the rule above. Rows are either
+    left-padded (``attention_mask`` [B, T], 0 on padding) or packed documents (``segment_ids`` [B, T], 0 on
+    padding); ``chunk_size`` for a chunked (RoPE) layer, None for a global (NoPE) one. The attention itself never
+    builds this matrix (it visits blocks); it is for pictures and checks."""
+    if (attention_mask is None) == (segment_ids is None):
+        raise ValueError("dense: give attention_mask (left-padded rows) or segment_ids (packed rows)")
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        idx = jnp.arange(segment_ids.shape[-1])[None]
+        groups = document_groups(segment_ids, segment_positions(segment_ids), chunk_size)
+        return visible(idx, idx, segment_ids > 0, groups, groups)
+    attention_mask = jnp.asarray(attention_mask)
+    idx = jnp.arange(attention_mask.shape[-1])[None]
+    if chunk_size is None:
+        return visible(idx, idx, attention_mask > 0)
+    chunks = chunk_ids(idx, left_padding(attention_mask), chunk_size)
+    return visible(idx, idx, attention_mask > 0, chunks, chunks)

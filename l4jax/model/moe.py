@@ -174,6 +174,7 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, D)
         with jax.named_scope("router"):
             scores, experts = route(flat, router, k)
+            self.sow("intermediates", "experts", experts.reshape(B, T, k))  # kept only when asked for (expert_load)
             if self.aux_loss:
                 lb, z = router_losses(jnp.einsum("nd,de->ne", flat, router), experts)
                 self.sow("aux", "load_balance", lb)

@@ -23,7 +23,7 @@ from ..parallel import make_mesh
 from ..train.settings import TrainConfig
 from . import costs as costs_lib
 from .programs import decode_program, prefill_program, train_program
-from .report import Plan, compile_plan
+from .report import Plan, compile_plan, held_bytes
 from .targets import PlanError, Target
 
 TASKS = ("train", "prefill", "decode")
@@ -84,7 +84,8 @@ def plan(config: Llama4Config, target: Target, req: Request) -> tuple[Plan, dict
               else cache, "dtype": req.dtype, "remat": req.remat if req.task == "train" else None,
               "moe_impl": req.moe_impl, "kv_dtype": None if req.task == "train" else "int8" if req.kv_int8
               else req.dtype}
-    return compile_plan(program, target, cost), {"task": req.task, "mesh": dict(mesh.shape), "shapes": shapes}
+    return compile_plan(program, target, cost), {"task": req.task, "mesh": dict(mesh.shape), "shapes": shapes,
+                                                 "held_per_device": held_bytes(program)}
 
 
 def to_json(p: Plan, target: Target, model: str, planned: dict) -> str:
@@ -111,7 +112,8 @@ def to_text(p: Plan, target: Target, model: str, planned: dict) -> str:
              f"  shapes: {shapes}",
              f"  memory per device: {_gib(m['total'])} of {_gib(p.capacity)}: {verdict}",
              f"    arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])}, aliased {_gib(m['aliased'])}, "
-             f"temporaries {_gib(m['temporaries'])}"]
+             f"temporaries {_gib(m['temporaries'])}",
+             "    of the arguments: " + ", ".join(f"{k} {_gib(v)}" for k, v in planned["held_per_device"].items())]
     if p.error:
         lines.append(f"  the compiler refused it: {p.error}")
     if p.program:

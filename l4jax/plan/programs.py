@@ -30,6 +30,7 @@ class Program:
     fn: Callable
     args: tuple
     kwargs: dict = dataclasses.field(default_factory=dict)
+    held: dict = dataclasses.field(default_factory=dict)  # named parts of the arguments: weights, cache, optimizer
 
 
 def _check_batch(batch: int, mesh) -> None:
@@ -51,7 +52,9 @@ def train_program(config: Llama4Config, tc: TrainConfig, mesh) -> Program:
     shape = (tc.grad_accum, tc.microbatch, tc.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=trainer.batch_sharding) for k in BATCH_KEYS}
-    return Program(trainer._step, (trainer.abstract_state(), frozen, None, batch))
+    state = trainer.abstract_state()
+    held = {"weights": (state["params"], frozen), "optimizer state": {k: v for k, v in state.items() if k != "params"}}
+    return Program(trainer._step, (state, frozen, None, batch), held=held)
 
 
 def _inference(config: Llama4Config, mesh, dtype, moe_impl: str):
@@ -77,7 +80,7 @@ def prefill_program(config: Llama4Config, mesh, *, batch: int, seq: int, cache: 
     inputs = Inputs(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tokens),
                     jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens))
     kv = KVCache.abstract(config.text, batch, cache, kv_dtype or dtype, part)
-    return Program(_prefill, (module, params, inputs, kv))
+    return Program(_prefill, (module, params, inputs, kv), held={"weights": params, "cache": kv})
 
 
 def decode_program(config: Llama4Config, mesh, *, batch: int, cache: int, dtype=jnp.bfloat16,
@@ -99,7 +102,8 @@ def decode_program(config: Llama4Config, mesh, *, batch: int, cache: int, dtype=
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
     args = (module, params, state, jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens),
             jax.ShapeDtypeStruct((len(config.text.eos_token_id) or 1,), jnp.int32, sharding=whole), scalar, scalar)
-    return Program(_decode, args, dict(n=chunk, temperature=0.0, top_k=None, top_p=None))
+    return Program(_decode, args, dict(n=chunk, temperature=0.0, top_k=None, top_p=None),
+                   held={"weights": params, "cache": kv})
 
 
 __all__ = ["Program", "decode_program", "prefill_program", "train_program"]

@@ -64,8 +64,18 @@ def _out_of_memory(message: str) -> tuple[str, int] | None:
 
 def argument_bytes(program: Program) -> int:
     """Bytes of the program's arguments on one device (its first), from their shardings."""
+    return device_bytes(program.args)
+
+
+def held_bytes(program: Program) -> dict[str, int]:
+    """Bytes on one device of each named part of the arguments (``Program.held``: weights, cache, ...)."""
+    return {name: device_bytes(part) for name, part in program.held.items()}
+
+
+def device_bytes(tree) -> int:
+    """Bytes on one device (its first) of the sharded ShapeDtypeStructs in ``tree``."""
     total = 0
-    for leaf in jax.tree.leaves(program.args):
+    for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None:
             # A PRNG key's dtype has no itemsize of its own: it is stored as its key data (2 x uint32).
             data = jax.eval_shape(jax.random.key_data, leaf) if jax.dtypes.issubdtype(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import l4jax
+from l4jax.data import corpus_dir
 from l4jax.cli import main
 from l4jax.checkpoints import l4jax_format
 from tiny import batch, damage_largest_file, hf_model, save
@@ -76,6 +77,7 @@ def test_damaged_tensor_bytes_are_named(converted, tmp_path, capsys):
     import shutil
     shutil.copytree(converted / "l4", tmp_path / "c")
     damage_largest_file(tmp_path / "c" / "params" / "lm_head")
+    shutil.copy(corpus_dir() / "tokenizer.json", tmp_path / "c")  # generate reads the tokenizer first
     with pytest.raises(ValueError, match=r"(parameter 'lm_head' is damaged|cannot restore parameter 'lm_head')"):
         l4jax.load(tmp_path / "c")
     assert main(["generate", "--model", str(tmp_path / "c"), "--prompt", "x"]) == 2

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from l4jax.model.masks import left_padding, positions_from_mask, temperature_scales
-from masks_reference import attention_mask
+from l4jax.model.masks import dense, left_padding, positions_from_mask, segment_positions, temperature_scales
+from masks_reference import attention_mask, segment_mask
 
 
 def test_positions_and_left_padding():
@@ -35,3 +35,18 @@ def test_chunks_are_fixed_blocks_not_a_sliding_window():
 def test_temperature_scales():
     s = np.asarray(temperature_scales(jnp.array([0, 8190, 8191, 16382, 16383]), 8192.0, 0.1))
     np.testing.assert_allclose(s, [1, 1, 1 + 0.1 * np.log(2), 1 + 0.1 * np.log(2), 1 + 0.1 * np.log(3)], rtol=1e-6)
+
+
+def test_dense_whole_row_masks_follow_the_reference():
+    """masks.dense (the pictures' matrices) equals the reference builders for left-padded and packed rows."""
+    mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
+    idx = jnp.arange(10)[None]
+    for chunk in (None, 3):
+        np.testing.assert_array_equal(dense(attention_mask=mask, chunk_size=chunk),
+                                      attention_mask(idx, idx, mask > 0, left_padding(mask), chunk))
+    seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])
+    for chunk in (None, 3):
+        np.testing.assert_array_equal(dense(segment_ids=seg, chunk_size=chunk),
+                                      segment_mask(seg, segment_positions(seg), chunk))
+    m = np.asarray(dense(segment_ids=seg, chunk_size=3))[0]
+    assert m.sum(-1).tolist() == [1, 2, 3, 1, 1, 2, 3, 1, 2, 0]  # chunks restart at each document

@@ -38,6 +38,11 @@ def test_argument_bytes_are_the_hand_count():
     assert total / 8 < held < total  # sharded: more than an even split (norms, kv heads replicated), less than all
     compiled = program.fn.trace(*program.args, **program.kwargs).lower().compile()
     assert compiled.memory_analysis().argument_size_in_bytes == held
+    parts = report.held_bytes(program)  # the named parts: within the arguments, each by its own hand count
+    assert set(parts) == {"weights", "cache"} and sum(parts.values()) < held
+    assert 2 * weights(config.text).total / 8 < parts["weights"] < 2 * weights(config.text).total
+    # 2 kv heads do not split over tensor=4: every device holds the whole cache (and its position counter).
+    assert 0 <= parts["cache"] - cache_bytes(config.text, 2, 64, 2) <= 16
 
 
 def test_cpu_plan_of_a_decode_step(capsys):
@@ -51,6 +56,7 @@ def test_cpu_plan_of_a_decode_step(capsys):
     assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] > 0
     assert out["program"]["kernels"] > 0 and out["program"]["collectives"].get("all-reduce", 0) > 0
     assert out["fits"] is None and out["bound"]["seconds"] is None  # no datasheet for a CPU
+    assert set(out["held_per_device"]) == {"weights", "cache"} and sum(out["held_per_device"].values()) <= m["arguments"]
 
 
 def test_bad_requests_fail_with_one_line(capsys):
