@@ -3,8 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
+import l4jax
 from l4jax.model.moe import route, routed_experts
+from tiny import batch, hf_model, save
 
 
 def test_router_takes_sigmoid_of_top_k_logits():
@@ -43,3 +46,25 @@ def test_routed_experts_scale_the_input_and_match_dense_reference(N):
     # One device's slice of an expert-parallel layer: experts 4 to 7 only, the other assignments add nothing.
     got = routed_experts(jnp.asarray(x), scores, experts, gate[4:], up[4:], down[4:], first=4)
     np.testing.assert_allclose(got, reference(4, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_load_counts_transformers_router_choices(tmp_path):
+    """Model.expert_load (the router heatmaps of the notebooks): per MoE layer, the real tokens routed to each
+    expert, equal to the top-k of transformers' router logits counted over the same tokens."""
+    hf = hf_model("top2", seed=3)
+    model = l4jax.load(save(hf, tmp_path))
+    ids, mask, pos = batch()
+    logits = {}
+    for i, layer in enumerate(hf.model.layers):
+        if hasattr(layer.feed_forward, "router"):  # returns (scores, logits) [B * T, E]
+            layer.feed_forward.router.register_forward_hook(lambda m, x, out, i=i: logits.__setitem__(i, out[1]))
+    with torch.no_grad():
+        hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+    cfg = model.config.text
+    real = mask.reshape(-1).astype(bool)
+    expect = np.stack([np.bincount(torch.topk(logits[i], cfg.num_experts_per_tok, -1).indices.numpy()[real].ravel(),
+                                   minlength=cfg.num_local_experts) for i in sorted(logits)])
+    load = model.expert_load(ids, mask)
+    assert sorted(logits) == list(cfg.moe_layers) and load.shape == (len(cfg.moe_layers), cfg.num_local_experts)
+    np.testing.assert_array_equal(load, expect)
+    assert (load.sum(1) == mask.sum() * cfg.num_experts_per_tok).all()

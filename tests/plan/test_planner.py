@@ -56,7 +56,8 @@ def test_cpu_plan_of_a_decode_step(capsys):
     assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] > 0
     assert out["program"]["kernels"] > 0 and out["program"]["collectives"].get("all-reduce", 0) > 0
     assert out["fits"] is None and out["bound"]["seconds"] is None  # no datasheet for a CPU
-    assert set(out["held_per_device"]) == {"weights", "cache"} and sum(out["held_per_device"].values()) <= m["arguments"]
+    held = out["held_per_device"]
+    assert set(held) == {"weights", "cache"} and sum(held.values()) <= m["arguments"]
 
 
 def test_bad_requests_fail_with_one_line(capsys):
