@@ -1,6 +1,6 @@
 """The package's shape: files of a few hundred lines, functions that fit a screen, imports at the top, and
 imports that run one way through the layers (config <- model <- parallel <- checkpoints <- infer, train <- plan
-<- cli)."""
+<- plots <- cli)."""
 
 import ast
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "l4jax"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # Each package may import only from the ones to its left (and itself); the root modules are the foundation.
-LAYERS = ("config", "tree", "model", "parallel", "checkpoints", "data", "infer", "train", "plan", "cli")
+LAYERS = ("config", "tree", "model", "parallel", "checkpoints", "data", "infer", "train", "plan", "plots", "cli")
 OPTIONAL: set[str] = set()  # optional dependencies, which may be imported where they are used
 
 

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 import l4jax
@@ -57,6 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two fresh processes, about 50 s on 2 cores
 def test_two_processes_match_one(tmp_path):
     model = hf_model("top2", seed=4)
     folder = save(model, tmp_path / "ckpt")
