@@ -31,12 +31,12 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def training_curves(runs: Mapping[str, Sequence[dict]]):
     """Loss and learning rate (left), tokens/s and MFU (right) against step, for runs drawn one after the other
-    on one step axis (e.g. pretraining, then a fine-tune starting where it ended)."""
+    on one step axis (e.g. pretraining, then a fine-tune whose step 1 follows the pretraining's last)."""
     fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     lr_ax, mfu_ax = loss_ax.twinx(), speed_ax.twinx()
     offset = 0
     for i, (name, records) in enumerate(runs.items()):
-        step = offset + np.array([r["step"] for r in records]) - records[0]["step"] + 1
+        step = offset + np.array([r["step"] for r in records])
         color = f"C{i}"
         loss_ax.plot(step, [r["loss"] for r in records], color=color, label=f"{name}: loss")
         lr_ax.plot(step, [r["lr"] for r in records], color=color, ls=":", label=f"{name}: learning rate")

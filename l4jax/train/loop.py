@@ -81,7 +81,7 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
             print(f"training {tree.count(trainer.state_shapes['params']):,} parameters on "
                   f"{'1 device' if mesh is None else dict(mesh.shape)}, {len(ds)} packed rows of "
                   f"{tc.seq_len + 1} tokens, from step {int(jax.device_get(state['step']))}", flush=True)
-        with _Log(out / "metrics.jsonl", trainer, progress, int(jax.device_get(state["step"]))) as log:
+        with MetricsLog(out / "metrics.jsonl", trainer, progress, int(jax.device_get(state["step"]))) as log:
             state, last, step = _loop(trainer, ds, ckpts, meta, state, frozen, log, stop_after)
     finally:
         ckpts.wait()
@@ -141,7 +141,7 @@ def _check_same_shapes(source: str, theirs: TextConfig, ours: TextConfig) -> Non
                             f"{'; '.join(diff)}: --init-from vs config)")
 
 
-def _loop(trainer: Trainer, ds, ckpts: Checkpoints, meta: dict, state: dict, frozen: dict, log: "_Log",
+def _loop(trainer: Trainer, ds, ckpts: Checkpoints, meta: dict, state: dict, frozen: dict, log: "MetricsLog",
           stop_after: int | None) -> tuple[dict, dict, int]:
     """Steps until ``tc.steps`` (or ``stop_after`` more); returns (state, last checked metrics, step)."""
     tc = trainer.tc
@@ -162,26 +162,29 @@ def _loop(trainer: Trainer, ds, ckpts: Checkpoints, meta: dict, state: dict, fro
         if step % tc.log_every == 0 or step == end:
             if pending is not None:
                 last, pending = _check(*pending, saved), None
-            log.write(step, last)
+            last = log.write(step, last)
     if pending is not None:
         last = _check(*pending, saved)
     return state, last, step
 
 
-class _Log:
-    """metrics.jsonl and the progress bar: tokens/s and MFU over each logging interval."""
+class MetricsLog:
+    """metrics.jsonl and the progress bar: tokens/s and MFU over each logging interval. ``run`` writes one per run;
+    a loop of its own over ``Trainer.step`` can too (``write`` every ``tc.log_every`` steps)."""
 
-    def __init__(self, path: Path, trainer: Trainer, progress: bool, start: int):
+    def __init__(self, path: str | Path, trainer: Trainer, progress: bool = False, start: int = 0):
         tc = trainer.tc
         self.every = tc.log_every
         self.flops_per_token = flops.train_flops_per_token(trainer.config.text, tc.seq_len)
         self.peak = flops.measure_peak_flops(jax.numpy.dtype(tc.compute_dtype), trainer.mesh)
-        self.file = path.open("a")
+        self.file = Path(path).open("a")
         self.bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True) if progress else None
         self.t0 = time.perf_counter()
 
-    def write(self, step: int, m: dict) -> None:
-        """Complete ``m`` (checked metrics of ``step``) with throughput, append it, show it."""
+    def write(self, step: int, m: dict) -> dict:
+        """``m`` (the metrics of ``step``: as ``Trainer.step`` returns them, or checked) as floats and completed
+        with the throughput, appended to the file and shown; returns it."""
+        m = {k: v if isinstance(v, bool) else float(v) for k, v in jax.device_get(m).items()}
         now = time.perf_counter()
         n_steps = self.every if step % self.every == 0 else step % self.every
         tps = m["tokens"] * n_steps / (now - self.t0)
@@ -193,8 +196,9 @@ class _Log:
             self.bar.n = step
             self.bar.set_postfix_str(f"loss {m['loss']:.3f}  {m['tokens_per_s']:,.0f} tok/s  MFU {100 * m['mfu']:.1f}%")
             self.bar.refresh()
+        return m
 
-    def __enter__(self) -> "_Log":
+    def __enter__(self) -> "MetricsLog":
         return self
 
     def __exit__(self, *exc) -> None:
