@@ -25,6 +25,8 @@ EXPECTED = {
     "03_parity_with_transformers": ["identical to transformers' generate: True"],
     "04_vision": ["positions whose logits change with the image:"],
     "05_plan": ["fits on 8 x H100: True", "fits on 1 x H100: False"],
+    "06_router_and_attention": ["packed rows: no query sees another document: True",
+                                "trained, load_balance 0.05   busiest / mean per layer:"],
 }
 
 
