@@ -130,26 +130,26 @@ def tiles(pixel_values: np.ndarray, grid: tuple[int, int], mean: float = 0.5, st
     return fig
 
 
-def plan_memory(plans: Mapping[str, tuple[dict, dict]], capacity: int):
-    """Stacked bars of one device's memory per plan (``label: (held_per_device, memory)`` from ``l4jax plan``):
-    the named parts of the arguments, the rest of them, outputs not aliased, temporaries; the chip's capacity as a
-    line."""
-    fig, ax = plt.subplots(figsize=(1.7 * len(plans) + 3, 3.8), layout="constrained")
-    names = list(plans)
-    for x, (held, memory) in enumerate(plans.values()):
+def plan_memory(plans: Mapping[str, tuple[dict, dict, int | None]]):
+    """Stacked bars of one device's memory per plan (``label: (held_per_device, memory, capacity)`` from ``l4jax
+    plan``): the named parts of the arguments (weights, cache or optimizer state), the rest of them, outputs not
+    aliased, temporaries; each chip's capacity as a black line across its bar."""
+    colors = {"weights": "C0", "cache": "C1", "optimizer state": "C2", "other arguments": "C7",
+              "outputs (not aliased)": "C4", "temporaries": "C3"}
+    fig, ax = plt.subplots(figsize=(1.8 * len(plans) + 3, 3.8), layout="constrained")
+    for x, (held, memory, capacity) in enumerate(plans.values()):
         parts = dict(held)
         parts["other arguments"] = memory["arguments"] - sum(held.values())
         parts["outputs (not aliased)"] = memory["outputs"] - memory["aliased"]
         parts["temporaries"] = memory["temporaries"]
         bottom = 0.0
         for name, size in parts.items():
-            color = {"weights": "C0", "cache": "C1", "optimizer state": "C2", "other arguments": "C7",
-                     "outputs (not aliased)": "C4", "temporaries": "C3"}[name]
-            ax.bar(x, size / GIB, bottom=bottom, color=color, label=name)
+            ax.bar(x, size / GIB, bottom=bottom, color=colors[name], label=name)
             bottom += size / GIB
-    ax.axhline(capacity / GIB, color="k", ls="--", label="capacity")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
+        if capacity is not None:
+            ax.hlines(capacity / GIB, x - 0.45, x + 0.45, color="k", lw=2.5, label="the chip's memory")
+    unique = dict(zip(*reversed(ax.get_legend_handles_labels())))
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    ax.set(xticks=range(len(names)), xticklabels=names, ylabel="GiB per device", title="memory per device")
+    ax.set(xticks=range(len(plans)), xticklabels=list(plans), ylabel="GiB per device", title="memory per device")
+    ax.tick_params(axis="x", labelsize=8)
     return fig

@@ -84,10 +84,13 @@ def test_tiles_lay_the_tiles_back_on_their_canvas():
 def test_plan_memory_bars_stack_to_the_plans_total():
     gib = plots.GIB
     memory = {"arguments": 10 * gib, "outputs": 3 * gib, "aliased": 2 * gib, "temporaries": 4 * gib}
-    fig = plots.plan_memory({"a": ({"weights": 6 * gib, "cache": 3 * gib}, memory)}, capacity=80 * gib)
+    fig = plots.plan_memory({"a": ({"weights": 6 * gib, "cache": 3 * gib}, memory, 80 * gib),
+                             "b": ({"weights": 1 * gib}, memory, None)})
     heights = [p.get_height() for p in fig.axes[0].patches]
-    assert heights == [6, 3, 1, 1, 4] and sum(heights) == 15  # total = arguments + outputs - aliased + temporaries
-    assert fig.axes[0].lines[0].get_ydata()[0] == 80
+    assert heights[:5] == [6, 3, 1, 1, 4] and sum(heights[:5]) == 15  # arguments + outputs - aliased + temporaries
+    assert heights[5:] == [1, 9, 1, 4]
+    (capacity,) = fig.axes[0].collections  # one capacity line: plan b has no capacity
+    assert capacity.get_segments()[0][0][1] == 80
 
 
 @pytest.mark.slow
