@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 NAMES = [p.stem for p in NOTEBOOKS]
 NEEDS_TORCH = {"03_parity_with_transformers"}
-NEEDS_GPU_COMPILER = {"05_plan"}  # runs with -m plan, in a venv with the aot-gpu extra (CI's .venv-ci-aot)
+NEEDS_GPU_COMPILER = {"05_plan"}  # runs with -m plan, in a venv with the aot extras (CI's .venv-ci-aot)
 
 # Lines each executed notebook must print (each follows an assert on the same fact inside the notebook).
 EXPECTED = {
@@ -63,6 +63,8 @@ def test_notebook_runs(path, monkeypatch):
         pytest.importorskip("transformers")
     if path.stem in NEEDS_GPU_COMPILER:
         pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
+        pytest.importorskip("libtpu", reason="needs pip install -e .[aot-tpu]")
+    pytest.importorskip("matplotlib", reason="needs pip install -e .[notebooks]")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
