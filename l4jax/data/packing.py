@@ -153,11 +153,14 @@ class PackedDataset:
     Attributes: ``rows`` (packed rows holding data, also ``len(ds)``), ``steps_per_epoch`` (ceil(rows / B)),
     ``num_tokens`` (document tokens, bos / eos included), ``layout``: ``layout[r]`` lists the (doc, start, stop)
     pieces of packed row r in order, segment k + 1 of the row holding ``docs_tokens[doc][start:stop]``.
-    ``pad_id`` fills the padding slots (masked out of the loss whatever its value).
+    ``pad_id`` fills the padding slots (masked out of the loss whatever its value). ``docs_weights`` (optional, one
+    float array per document, like its tokens): each token's weight as a target, e.g. 1 on assistant turns and 0
+    elsewhere for chat data (``conversations``); the loss mask is then that weight where the target is in the same
+    piece.
     """
 
     def __init__(self, docs_tokens: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int = 0, *,
-                 pad_id: int = 0):
+                 pad_id: int = 0, docs_weights: Sequence[np.ndarray] | None = None):
         for name, value, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -173,6 +176,9 @@ class PackedDataset:
         self._tokens = np.full((slots, row_len), pad_id, np.int32)
         self._segments = np.zeros((slots, row_len), np.int32)
         self._positions = np.zeros((slots, row_len), np.int32)
+        self._weights = None if docs_weights is None else np.zeros((slots, row_len), np.float32)
+        if docs_weights is not None and [len(w) for w in docs_weights] != [len(t) for t in docs_tokens]:
+            raise ValueError("docs_weights: one weight per token of each document expected")
         for r, row in enumerate(self.layout):
             at = 0
             for k, (d, start, stop) in enumerate(row):
@@ -180,6 +186,8 @@ class PackedDataset:
                 self._tokens[r, at:at + n] = np.asarray(docs_tokens[d])[start:stop]
                 self._segments[r, at:at + n] = k + 1
                 self._positions[r, at:at + n] = np.arange(n)
+                if self._weights is not None:
+                    self._weights[r, at:at + n] = np.asarray(docs_weights[d])[start:stop]
                 at += n
         self.num_tokens = int(sum(np.asarray(t).size for t in docs_tokens))
         self._perm: tuple[int, np.ndarray] | None = None
@@ -225,8 +233,10 @@ class PackedDataset:
         """
         rows = self.row_indices(step)
         tokens, segments = self._tokens[rows], self._segments[rows]
-        same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
+        same = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)).astype(np.float32)
+        if self._weights is not None:  # the target's own weight (assistant tokens only, for chat data)
+            same *= self._weights[rows, 1:]
         out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments[:, :-1],
-               "positions": self._positions[rows, :-1], "loss_mask": same.astype(np.float32)}
+               "positions": self._positions[rows, :-1], "loss_mask": same}
         # Contiguous copies: slices of the gathered rows would be strided views sharing one buffer.
         return {k: np.ascontiguousarray(v) for k, v in out.items()}

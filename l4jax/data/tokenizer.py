@@ -200,6 +200,14 @@ class Tokenizer:
                 ids = [self._bos_id, *ids]
         return ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Text -> (ids, [start, stop) character span of each id in ``text``), with no BOS added: for rendered
+        chat prompts, which carry their own, and for telling which tokens came from which part of the text."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_with_offsets expects a str, got {type(text).__name__}")
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
+
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """ids [T] (list, numpy or jax array) -> text. Bytes that do not form valid UTF-8 come out as U+FFFD."""
         ids = np.asarray(ids if hasattr(ids, "shape") else list(ids), dtype=np.int64)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from .. import tree
 from ..checkpoints.train_state import CheckpointDamaged, Checkpoints
 from ..config import Llama4Config, TextConfig
-from ..data import corpus, packing
+from ..data import conversations, corpus, packing
+from ..data.examples import CHAT_FILE
 from ..data.tokenizer import Tokenizer
 from ..infer import Model, load
 from ..infer.load import model_config
@@ -36,16 +37,29 @@ class TrainingError(RuntimeError):
     """Training stopped (non-finite loss, a tokenizer too large); the message says at which step and why."""
 
 
-def _data(tc: TrainConfig, tokenizer_dir: Path) -> tuple[Tokenizer, packing.PackedDataset]:
+def _data(tc: TrainConfig, tokenizer_dir: Path, progress: bool = False) -> tuple[Tokenizer, packing.PackedDataset]:
+    """The run's tokenizer and packed rows: text documents (every token in the loss) or JSONL conversations
+    (assistant turns only; conversations longer than a row are dropped, and the counts printed)."""
     tok = Tokenizer(tokenizer_dir)
     paths = []
     for p in tc.data:
         if p == "corpus":
             paths += corpus.corpus_files()
+        elif p == "corpus-chat":
+            paths.append(corpus.corpus_dir() / CHAT_FILE)
         else:
             paths.append(Path(p))
-    docs = packing.tokenize(packing.read_documents(paths), tok)
     pad = tok.pad_id if tok.pad_id is not None else 0  # the config's pad id, as generate uses it
+    if tc.data_format == "chat":
+        ds, report = conversations.pack(conversations.read_jsonl(paths, tok), tc.seq_len, tc.batch_size,
+                                        seed=tc.seed, pad_id=pad)
+        if progress:
+            print(f"chat data: {report['used']} of {report['conversations']} conversations "
+                  f"({report['dropped_too_long']} longer than a row of {tc.seq_len + 1} dropped), "
+                  f"{report['tokens']:,} tokens, "
+                  f"{report['loss_tokens']:,} of them in the loss (assistant turns)", flush=True)
+        return tok, ds
+    docs = packing.tokenize(packing.read_documents(paths), tok)
     return tok, packing.PackedDataset(docs, tc.seq_len, tc.batch_size, seed=tc.seed, pad_id=pad)
 
 
@@ -66,7 +80,7 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
     out = run_folder.claim(out, resume=resume, inputs={"--init-from": tc.init_from, "--teacher": teacher_dir},
                            description=meta)
     tok_dir = _tokenizer_dir(tc)
-    tok, ds = _data(tc, tok_dir)
+    tok, ds = _data(tc, tok_dir, progress)
     if tok.vocab_size > config.text.vocab_size:
         raise TrainingError(f"tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model's vocab_size is "
                             f"{config.text.vocab_size}")
@@ -243,4 +257,6 @@ def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir
 def _describe(tc: TrainConfig) -> dict:
     """The part of the training config a resumed run must share (the rest, e.g. steps or logging, may change)."""
     d = tc.to_dict()
-    return {k: d[k] for k in ("seq_len", "batch_size", "seed", "data", "lora", "scan", "param_dtype")}
+    keys = ("seq_len", "batch_size", "seed", "data", "lora", "scan", "param_dtype")
+    # data_format only when not the default, so that runs written before it existed still resume
+    return {k: d[k] for k in keys + (("data_format",) if tc.data_format != "text" else ())}

@@ -16,6 +16,9 @@ from ..model.kernels import QUERY_BLOCK, Kernels
 from .lora import LoraConfig, LoraError
 
 
+DATA_FORMATS = ("text", "chat")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
     alpha: float | str = "confidence"  # a fixed weight in [0, 1] or "confidence" (see losses.codistillation)
@@ -25,7 +28,9 @@ class DistillSettings:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # data
-    data: tuple[str, ...] = ("corpus",)  # text files; "corpus" = the public-domain corpus shipped with l4jax
+    data: tuple[str, ...] = ("corpus",)  # files; "corpus" = the public-domain corpus shipped with l4jax
+    data_format: str = "text"            # "text": documents, every token in the loss; "chat": JSONL conversations,
+                                         # assistant turns only (data.conversations). YAML: data: {format, files}
     seq_len: int = 128
     batch_size: int = 16                 # sequences per optimizer step (over all devices and microbatches)
     grad_accum: int = 1                  # microbatches per step; batch_size must be a multiple
@@ -94,7 +99,12 @@ class TrainConfig:
             if getattr(self, f) < 0:
                 fail(f, f"must be >= 0, got {getattr(self, f)}")
         if not self.data:
-            fail("data", "no text files given")
+            fail("data", "no data files given")
+        if self.data_format not in DATA_FORMATS:
+            fail("data_format", f"unknown format {self.data_format!r}; expected one of {', '.join(DATA_FORMATS)}")
+        if self.data_format == "chat" and "corpus" in self.data:
+            fail("data", "'corpus' is the shipped text corpus; chat data are JSONL files (e.g. the shipped "
+                         "l4jax/data/corpus/chat.jsonl: 'corpus-chat')")
 
     @property
     def microbatch(self) -> int:
@@ -107,6 +117,12 @@ class TrainConfig:
     def from_dict(cls, d: Mapping[str, Any] | None) -> "TrainConfig":
         d = dict(d or {})
         reject_unknown(d, "train", {f.name for f in dataclasses.fields(cls)})
+        if isinstance(d.get("data"), Mapping):  # data: {format: chat, files: [...]}
+            spec = dict(d.pop("data"))
+            reject_unknown(spec, "train.data", {"format", "files"})
+            if "files" not in spec:
+                raise ConfigError("train.data: give files: [...] (and format: text or chat)")
+            d["data"], d["data_format"] = spec["files"], spec.get("format", "text")
         if "data" in d:
             d["data"] = tuple([d["data"]] if isinstance(d["data"], str) else d["data"])
         for name, sub in (("lora", LoraConfig), ("distill", DistillSettings)):

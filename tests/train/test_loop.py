@@ -64,6 +64,27 @@ def test_resume_gives_bit_identical_losses(text, tmp_path):
 
 
 @pytest.mark.slow
+def test_chat_fine_tune_from_the_cli_resumes_bit_exactly(tmp_path):
+    """configs/tiny-sft.yaml from a base model: conversations on assistant turns only, LoRA; a run stopped and
+    resumed computes the losses of one that was not, and the CLI says what it used."""
+    base = l4jax.init(load_config("tiny"), seed=0)
+    base.save(tmp_path / "base", side_files_from=data_lib.corpus_dir())
+    config = load_config("tiny-sft")
+    tc = TrainConfig.from_yaml("tiny-sft").replace(init_from=str(tmp_path / "base"), seq_len=256, batch_size=4,
+                                                   steps=4, save_every=2, log_every=1)
+    run(config, tc, tmp_path / "straight", progress=False)
+    run(config, tc, tmp_path / "resumed", progress=False, stop_after=2)
+    run(config, tc, tmp_path / "resumed", progress=False, resume=True)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and len(losses(tmp_path / "straight")) == 4
+    assert (tmp_path / "straight" / "adapters").is_dir() and (tmp_path / "straight" / "model").is_dir()
+    cli = subprocess.run([sys.executable, "-m", "l4jax.cli", "train", "--config", "tiny-sft", "--init-from",
+                          str(tmp_path / "base"), "--steps", "2", "--out", str(tmp_path / "cli")],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "chat data: 373 of 373 conversations (0 longer than a row of 257 dropped)" in cli.stdout
+
+
+@pytest.mark.slow
 def test_restore_onto_another_mesh(text, tmp_path):
     config = load_config("tiny")
     tc = TrainConfig(data=(text,), **dict(SMALL, steps=3))
