@@ -132,7 +132,10 @@ def test_ctrl_c_during_training_then_resume(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "l4jax.cli", "train", "--config", "configs/tiny.yaml", "--steps", "40", "--out",
            str(out)]
-    proc = subprocess.Popen(cmd + [], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo)
+    # A test runner started in the background (`cmd &` in a script) ignores SIGINT, and children inherit that:
+    # give the run the default disposition, so that Python installs its KeyboardInterrupt handler as in a terminal.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
