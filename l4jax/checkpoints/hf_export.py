@@ -8,9 +8,13 @@
     <dir>/generation_config.json          the source's, else bos / eos / pad ids from the config
 
 The key names and layouts are ``hf_names.sources`` read backwards: kernels transposed back to nn.Linear's
-[out, in], heads merged, each expert layer's gate and up fused back into ``gate_up_proj``. HF tensors are assembled
-one at a time on the host (a sharded parameter is fetched whole, tensor by tensor) and a shard is written once
-full, so host memory holds at most one shard; all is written into a temporary folder renamed at the end.
+[out, in], heads merged, each expert layer's gate and up fused back into ``gate_up_proj``.
+
+Memory: the shards are planned from the shapes alone, and each HF tensor is assembled on the host and streamed into
+its file (``safetensors_file``) before the next one is made, so host memory holds one tensor (plus one of its parts
+while a fused tensor is assembled). A parameter sharded over devices or processes is gathered whole, tensor by
+tensor (``distributed.to_numpy``, a collective every process joins); process 0 writes. Everything goes into a
+temporary folder renamed at the end (``atomic``).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from .l4jax_format import SIDE_FILES, first_line
 SHARD_SIZE = 5 * 10**9
 
 
-def _layout(config: Llama4Config) -> tuple[str, str]:
-    """(text prefix, lm-head key): a full ``llama4`` checkpoint when there is a vision tower."""
+def text_layout(config: Llama4Config) -> tuple[str, str]:
+    """(text prefix, lm-head key) of the HF names: a full ``llama4`` checkpoint's when there is a vision tower (its
+    transformers modules sit at the same paths)."""
     if config.vision is not None:
         return "language_model.model.", "language_model.lm_head.weight"
     return "model.", "lm_head.weight"
@@ -73,7 +78,7 @@ class HFTensor:
 def hf_plan(config: Llama4Config, params: dict, dtype=None) -> list[HFTensor]:
     """Every HF tensor, in ``sources`` order, from the parameters' shapes and dtypes (nothing is fetched)."""
     groups: dict[str, list[Source]] = {}
-    for s in sources(config, *_layout(config)):
+    for s in sources(config, *text_layout(config)):
         groups.setdefault(s.key, []).append(s)
     return [HFTensor(key, parts[0].shape, np.dtype(dtype or tree.get(params, parts[0].path).dtype), tuple(parts))
             for key, parts in groups.items()]

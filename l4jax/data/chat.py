@@ -71,8 +71,9 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+@functools.cache
 def official_template() -> str:
-    """The Llama 4 instruct template shipped with l4jax (``templates/llama4.jinja``)."""
+    """The Llama 4 instruct template shipped with l4jax (``templates/llama4.jinja``), read once."""
     return resources.files("l4jax.data").joinpath("templates", OFFICIAL).read_text(encoding="utf-8")
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -169,16 +170,22 @@ class Tokenizer:
         return tuple(i for i in ids if i is not None)
 
     # -- chat ---------------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _chat_template(self) -> tuple[str, str]:
+        # Read on first use (a folder's broken template file fails only chat calls) and kept: chat data render
+        # every conversation several times.
+        return chat.folder_template(self.path) or (chat.official_template(), f"the official template ({chat.OFFICIAL})")
+
     def chat_template(self) -> tuple[str, str]:
         """(template text, its source): the folder's own template (``chat.folder_template``), else the official
         Llama 4 template shipped with l4jax."""
-        return chat.folder_template(self.path) or (chat.official_template(), f"the official template ({chat.OFFICIAL})")
+        return self._chat_template
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                     tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """Render ``messages`` (and ``tools``) with this folder's chat template, as transformers'
         ``apply_chat_template(..., tokenize=False)`` does; ``encode`` the result (it starts with BOS)."""
-        template, source = self.chat_template()
+        template, source = self._chat_template
         return chat.render(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                            source=source, **self._template_tokens)
 

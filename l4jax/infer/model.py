@@ -131,11 +131,15 @@ class Model:
         E, real = self.config.text.num_local_experts, np.asarray(mask, bool)
         return np.stack([np.bincount(np.asarray(choices[i])[real].ravel(), minlength=E) for i in sorted(choices)])
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _choices(self, params, input_ids, attention_mask) -> dict[int, jax.Array]:
-        _, inter = self.module.apply({"params": params}, Inputs(input_ids, attention_mask), mutable=["intermediates"])
-        return {int(name[len("layers_"):]): layer["moe"]["experts"][0]
-                for name, layer in inter["intermediates"].items() if "moe" in layer}
+    @functools.cached_property
+    def _choices(self):
+        """Jitted per model on first use (a jit with the model as a static argument would keep it alive)."""
+        def choices(params, input_ids, attention_mask) -> dict[int, jax.Array]:
+            _, inter = self.module.apply({"params": params}, Inputs(input_ids, attention_mask),
+                                         mutable=["intermediates"])
+            return {int(name[len("layers_"):]): layer["moe"]["experts"][0]
+                    for name, layer in inter["intermediates"].items() if "moe" in layer}
+        return jax.jit(choices)
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=None,

@@ -26,17 +26,13 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..checkpoints.atomic import atomic_dir
+from ..checkpoints.hf_export import text_layout
 from ..config import Llama4Config
 from ..model.decoder import unstack_layers
 from ..parallel.distributed import to_numpy
 from .lora import LoraConfig, LoraError, adapters
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-def _text_prefix(config: Llama4Config) -> str:
-    """The text decoder's module path in transformers (as in its checkpoint keys)."""
-    return "language_model.model." if config.vision is not None else "model."
 
 
 def peft_tensors(config: Llama4Config, lora: dict, cfg: LoraConfig) -> dict[str, np.ndarray]:
@@ -47,13 +43,13 @@ def peft_tensors(config: Llama4Config, lora: dict, cfg: LoraConfig) -> dict[str,
                         "not nn.Linear); export the merged weights instead")
     if "blocks" in lora:
         lora = unstack_layers(lora, config.text)
-    out = {}
+    out, prefix = {}, text_layout(config)[0]  # the text decoder's module path in transformers
     for path, ab in adapters(lora):
         if len(path) != 3 or path[1] != "attn" or not path[0].startswith("layers_"):
             raise LoraError(f"{'/'.join(path)}: not a text attention adapter")
         a, b = to_numpy(ab["a"]), to_numpy(ab["b"])
         r = a.shape[-1]
-        module = f"base_model.model.{_text_prefix(config)}layers.{path[0][len('layers_'):]}.self_attn.{path[2]}_proj"
+        module = f"base_model.model.{prefix}layers.{path[0][len('layers_'):]}.self_attn.{path[2]}_proj"
         out[module + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
         out[module + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
     return out
@@ -66,7 +62,7 @@ def peft_config(config: Llama4Config, cfg: LoraConfig, base: str | None) -> dict
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": cfg.rank,
             "lora_alpha": cfg.alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
             "use_rslora": False, "inference_mode": True, "modules_to_save": None,
-            "target_modules": _text_prefix(config).replace(".", r"\.") + rf"layers\.\d+\.self_attn\.({projections})"}
+            "target_modules": text_layout(config)[0].replace(".", r"\.") + rf"layers\.\d+\.self_attn\.({projections})"}
 
 
 def save_peft(path: str | Path, config: Llama4Config, lora: dict, cfg: LoraConfig, base: str | None = None, *,
