@@ -10,6 +10,10 @@ that does not is refused, naming the message.
 
 File format: one JSON object per line, ``{"messages": [...]}`` (roles and parts as ``l4jax.data.chat``
 describes; ``"tools": [...]`` optional). Errors and skips name the file and line.
+
+A conversation longer than a training row is dropped (counted), or with ``too_long="split"`` cut at message
+boundaries into pieces that each fit a row (each its own document; pieces with no assistant token are left out). A
+single message longer than a row is then cut inside it, and counted.
 """
 
 from __future__ import annotations
@@ -33,62 +37,79 @@ class ConversationError(ValueError):
     """A conversation that cannot be trained on; the message names the file and line (or the index)."""
 
 
+TOO_LONG = ("drop", "split")
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One rendered conversation: ``ids`` [N] int32 and ``weights`` [N] float32, 1 on the tokens the model must
-    learn to produce (assistant turns), 0 elsewhere; ``where`` names its origin."""
+    learn to produce (assistant turns), 0 elsewhere; ``turns``: the token index where each message after the first
+    starts (its header); ``where`` names its origin."""
 
     ids: np.ndarray
     weights: np.ndarray
     where: str
+    turns: tuple[int, ...] = ()
+
+
+def check_message(m: Any, where: str) -> None:
+    """A message has a known role, and an assistant message says something; ``where`` names it in the error."""
+    if not isinstance(m, Mapping) or m.get("role") not in ROLES:
+        role = m.get("role") if isinstance(m, Mapping) else None
+        raise ConversationError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if m["role"] == "assistant" and not m.get("content") and not m.get("tool_calls"):
+        raise ConversationError(f"{where}: an empty assistant turn (no content, no tool_calls)")
 
 
 def _check(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise ConversationError(f"{where}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, Mapping) else None
-            raise ConversationError(f"{where}: message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if m["role"] == "assistant" and not m.get("content") and not m.get("tool_calls"):
-            raise ConversationError(f"{where}: message {i}: an empty assistant turn (no content, no tool_calls)")
+        check_message(m, f"{where}: message {i}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError(f"{where}: no assistant turn: nothing to learn from this conversation")
 
 
 def assistant_spans(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], tools=None,
-                    where: str = "conversation") -> tuple[str, list[tuple[int, int]]]:
-    """(the rendered conversation, the [start, stop) character spans of its assistant turns)."""
+                    where: str = "conversation", from_message: int = 0
+                    ) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """(the rendered conversation, the [start, stop) character spans of its assistant turns from message
+    ``from_message`` on, the character offset where each message after the first starts)."""
     _check(messages, where)
+
+    def prefix(n: int, generation: bool) -> str:
+        head = tokenizer.chat_prompt(messages[:n], add_generation_prompt=generation, tools=tools)
+        if not text.startswith(head):
+            raise ConversationError(f"{where}: message {n}: the chat template does not render this conversation's "
+                                    "prefixes as prefixes of the whole, so its turns cannot be found")
+        return head
+
     try:
         text = tokenizer.chat_prompt(messages, add_generation_prompt=False, tools=tools)
-        spans = []
+        spans, starts = [], [len(prefix(i, False)) for i in range(1, len(messages))]
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < from_message:
                 continue
             if i == 0:
                 raise ConversationError(f"{where}: message 0: an assistant turn cannot open the conversation")
-            before = tokenizer.chat_prompt(messages[:i], add_generation_prompt=True, tools=tools)
-            upto = tokenizer.chat_prompt(messages[:i + 1], add_generation_prompt=False, tools=tools)
-            if not upto.startswith(before) or not text.startswith(upto):
-                raise ConversationError(f"{where}: message {i}: the chat template does not render this conversation's "
-                                        "prefixes as prefixes of the whole, so its assistant turns cannot be found")
-            spans.append((len(before), len(upto)))
+            spans.append((len(prefix(i, True)), len(prefix(i + 1, False))))
     except ChatTemplateError as e:
         raise ConversationError(f"{where}: {e}") from None
-    return text, spans
+    return text, spans, starts
 
 
 def render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], tools=None,
-           where: str = "conversation") -> Example:
-    """One conversation -> ``Example``: its ids (BOS first, from the template) and the assistant-only weights."""
-    text, spans = assistant_spans(tokenizer, messages, tools, where)
+           where: str = "conversation", from_message: int = 0) -> Example:
+    """One conversation -> ``Example``: its ids (BOS first, from the template) and the assistant-only weights
+    (only the assistant turns from message ``from_message`` on: a preference pair's answers, not its prompt)."""
+    text, spans, turn_chars = assistant_spans(tokenizer, messages, tools, where, from_message)
     ids, offsets = tokenizer.encode_with_offsets(text)
     starts = np.array([start for start, _ in offsets])
     weights = np.zeros(len(ids), np.float32)
     for lo, hi in spans:
         weights[(starts >= lo) & (starts < hi)] = 1.0
-    return Example(np.asarray(ids, np.int32), weights, where)
+    turns = tuple(int(np.searchsorted(starts, c)) for c in turn_chars)
+    return Example(np.asarray(ids, np.int32), weights, where, turns)
 
 
 def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer) -> list[Example]:
@@ -109,17 +130,63 @@ def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer) -> list[Exampl
     return out
 
 
-def pack(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int = 0,
-         pad_id: int = 0) -> tuple[PackedDataset, dict[str, int]]:
+def split(example: Example, row_len: int) -> tuple[list[Example], bool]:
+    """``example`` cut at message starts into pieces of at most ``row_len`` tokens, each as long as it can be;
+    a message longer than a row is cut inside (the bool says so). Pieces without an assistant token are left out."""
+    cuts, at, inside = [], 0, False
+    n = len(example.ids)
+    while at < n:
+        if n - at <= row_len:
+            stop = n
+        else:
+            fit = [t for t in example.turns if at < t <= at + row_len]
+            stop = fit[-1] if fit else at + row_len
+            inside |= not fit
+        cuts.append((at, stop))
+        at = stop
+    pieces = [Example(example.ids[a:b], example.weights[a:b], f"{example.where} [tokens {a}:{b}]",
+                      tuple(t - a for t in example.turns if a < t < b))
+              for a, b in cuts if example.weights[a + 1:b].any()]  # the first token of a piece is never a target
+    return pieces, inside
+
+
+def pack(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int = 0, pad_id: int = 0,
+         too_long: str = "drop") -> tuple[PackedDataset, dict[str, int]]:
     """Conversations packed whole into rows of ``seq_len + 1`` tokens (document masks keep them apart), with
-    assistant-only loss weights; a conversation longer than a row is dropped and counted. Returns the dataset and
-    the counts: conversations given, used and dropped, tokens used and those in the loss."""
-    keep = [e for e in examples if len(e.ids) <= seq_len + 1]
+    assistant-only loss weights; a conversation longer than a row is dropped, or with ``too_long="split"`` split at
+    message boundaries (``split``). Returns the dataset and the counts: conversations given, used, split (and of
+    those cut inside a message) and dropped, tokens used and those in the loss."""
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long: expected one of {', '.join(TOO_LONG)}, got {too_long!r}")
+    row_len = seq_len + 1
+    keep, n_split, n_inside, dropped = [], 0, 0, 0
+    for e in examples:
+        if len(e.ids) <= row_len:
+            keep.append(e)
+        elif too_long == "split":
+            pieces, inside = split(e, row_len)
+            keep += pieces
+            n_split += 1
+            n_inside += inside
+        else:
+            dropped += 1
     if not keep:
         raise ConversationError(f"every one of the {len(examples)} conversations is longer than a row of "
-                                f"{seq_len + 1} tokens: raise seq_len")
-    report = {"conversations": len(examples), "used": len(keep), "dropped_too_long": len(examples) - len(keep),
+                                f"{row_len} tokens: raise seq_len (or split them: too_long: split)")
+    report = {"conversations": len(examples), "used": len(examples) - dropped, "split": n_split,
+              "cut_inside_a_message": n_inside, "dropped_too_long": dropped,
               "tokens": sum(len(e.ids) for e in keep), "loss_tokens": int(sum(e.weights.sum() for e in keep))}
     ds = PackedDataset([e.ids for e in keep], seq_len, batch_size, seed, pad_id=pad_id,
                        docs_weights=[e.weights for e in keep])
     return ds, report
+
+
+def describe(report: Mapping[str, int], row_len: int) -> str:
+    """The counts of ``pack`` as the one line ``l4jax train`` prints."""
+    text = (f"{report['used']} of {report['conversations']} conversations "
+            f"({report['dropped_too_long']} longer than a row of {row_len} dropped")
+    if report["split"]:
+        text += (f", {report['split']} split at message boundaries, {report['cut_inside_a_message']} of them inside "
+                 "a message too long for a row")
+    return (text + f"), {report['tokens']:,} tokens, {report['loss_tokens']:,} of them in the loss "
+            "(assistant turns)")

@@ -1,10 +1,15 @@
-"""Small chat examples made from the shipped public-domain corpus, for ``configs/tiny-sft.yaml`` and the tests.
+"""Small chat and preference examples made from the shipped public-domain corpus, for ``configs/tiny-sft.yaml``,
+``configs/tiny-dpo.yaml`` and the tests; ``python -m l4jax.data.examples`` writes both files (deterministic: the
+same bytes come out).
 
-``corpus/chat.jsonl`` holds one conversation per corpus document (373), made by ``chat_examples`` and written by
-``python -m l4jax.data.examples`` (deterministic: the same file comes out). Three shapes, in turn: asked for a
-story, the assistant tells its opening; asked how a story begins and then how it ends (after a system message), it
-quotes the first and the last sentence; asked for a story's first line, it gives it. Each fits a 256-token row of
-the shipped 512-token tokenizer.
+``corpus/chat.jsonl`` holds one conversation per corpus document (373), made by ``chat_examples``. Three shapes, in
+turn: asked for a story, the assistant tells its opening; asked how a story begins and then how it ends (after a
+system message), it quotes the first and the last sentence; asked for a story's first line, it gives it. Each fits
+a 256-token row of the shipped 512-token tokenizer.
+
+``corpus/preferences.jsonl`` holds one pair per document (made by ``preference_examples``): the chosen answer is
+the story's own text, the rejected one another story's opening told for this title, the story's first sentence
+given for its end, or a refusal. A pair (both sequences) fits a 384-token row.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from .corpus import corpus_dir, corpus_files
 from .packing import read_documents
 
 CHAT_FILE = "chat.jsonl"
+PREFERENCES_FILE = "preferences.jsonl"
 _SENTENCE = re.compile(r"(?<=[.!?])[\"']?\s+(?=[A-Z\"'])")
 
 
@@ -53,13 +59,46 @@ def chat_examples(documents: list[str]) -> list[dict]:
     return out
 
 
-def write_chat_examples(folder: Path | None = None) -> Path:
-    """Write ``chat.jsonl`` from the shipped corpus into ``folder`` (default: the corpus folder)."""
-    path = Path(folder or corpus_dir()) / CHAT_FILE
-    lines = [json.dumps(c, ensure_ascii=False) for c in chat_examples(read_documents(corpus_files()))]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def _parts(doc: str) -> tuple[str, list[str], str]:
+    head, _, body = doc.partition("\n\n")
+    sentences = [s for s in _SENTENCE.split(" ".join(body.split())) if s]
+    return _title(head.strip()), sentences, (body.strip().splitlines() or [""])[0]
+
+
+def preference_examples(documents: list[str]) -> list[dict]:
+    """One pair ({"prompt", "chosen", "rejected"}) per document whose answers differ."""
+    out = []
+    for k, doc in enumerate(documents):
+        title, sentences, line = _parts(doc)
+        if not sentences:
+            continue
+        if k % 3 == 0:
+            _, other, _ = _parts(documents[(k + len(documents) // 2) % len(documents)])
+            prompt = f"Tell me the story of {title}."
+            chosen, rejected = _short(" ".join(sentences[:2]), 120), _short(" ".join(other[:2]), 120)
+        elif k % 3 == 1:
+            prompt = [{"role": "system", "content": "You are a storyteller. Answer briefly."},
+                      {"role": "user", "content": f'How does "{title}" end?'}]
+            chosen, rejected = _short(sentences[-1], 120), _short(sentences[0], 120)
+        else:
+            prompt = f'What is the first line of "{title}"?'
+            chosen, rejected = _short(line or title, 120), "I do not know that story."
+        if chosen != rejected:
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def write_examples(folder: Path | None = None) -> list[Path]:
+    """Write ``chat.jsonl`` and ``preferences.jsonl`` from the shipped corpus into ``folder`` (default: the
+    corpus folder)."""
+    docs = read_documents(corpus_files())
+    paths = []
+    for name, make in ((CHAT_FILE, chat_examples), (PREFERENCES_FILE, preference_examples)):
+        path = Path(folder or corpus_dir()) / name
+        path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in make(docs)), encoding="utf-8")
+        paths.append(path)
+    return paths
 
 
 if __name__ == "__main__":
-    print(write_chat_examples())
+    print(*write_examples(), sep="\n")

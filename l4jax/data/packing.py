@@ -117,28 +117,27 @@ def _pieces(docs_tokens: Sequence[np.ndarray], row_len: int) -> list[tuple[int, 
     return pieces
 
 
-def _best_fit(pieces: list[tuple[int, int, int]], row_len: int) -> list[list[tuple[int, int, int]]]:
-    """Best-fit decreasing: longest piece first, each into the open row it fills most tightly.
+def _best_fit(sizes: Sequence[int], row_len: int) -> list[list[int]]:
+    """Best-fit decreasing: longest item first, each into the open row it fills most tightly; returns each row's
+    item indices.
 
     Keeps padding low (a few percent on the shipped corpus) where first-come packing would waste the end of most
-    rows. Ties break by document order, so the layout is deterministic.
+    rows. Ties break by item order, so the layout is deterministic.
     """
-    order = sorted(range(len(pieces)), key=lambda i: (-(pieces[i][2] - pieces[i][1]), i))
-    rows: list[list[tuple[int, int, int]]] = []
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    rows: list[list[int]] = []
     free: list[tuple[int, int]] = []      # (free slots, row index) of rows with room left, sorted
     for i in order:
-        n = pieces[i][2] - pieces[i][1]
+        n = sizes[i]
         k = bisect.bisect_left(free, (n, -1))
         if k < len(free):
             room, r = free.pop(k)
         else:
             room, r = row_len, len(rows)
             rows.append([])
-        rows[r].append(pieces[i])
+        rows[r].append(i)
         if room - n > 0:
             bisect.insort(free, (room - n, r))
-    for row in rows:
-        row.sort()                         # documents in corpus order within a row
     return rows
 
 
@@ -156,11 +155,13 @@ class PackedDataset:
     ``pad_id`` fills the padding slots (masked out of the loss whatever its value). ``docs_weights`` (optional, one
     float array per document, like its tokens): each token's weight as a target, e.g. 1 on assistant turns and 0
     elsewhere for chat data (``conversations``); the loss mask is then that weight where the target is in the same
-    piece.
+    piece. ``groups`` (optional): lists of document indices that must share a row, side by side in that order
+    (a preference pair: its chosen then its rejected answer); every document in one group, each whole.
     """
 
     def __init__(self, docs_tokens: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int = 0, *,
-                 pad_id: int = 0, docs_weights: Sequence[np.ndarray] | None = None):
+                 pad_id: int = 0, docs_weights: Sequence[np.ndarray] | None = None,
+                 groups: Sequence[Sequence[int]] | None = None):
         for name, value, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -168,7 +169,21 @@ class PackedDataset:
             raise ValueError("docs_tokens is empty: the corpus has no documents")
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         row_len = self.seq_len + 1
-        self.layout = _best_fit(_pieces(docs_tokens, row_len), row_len)
+        pieces = _pieces(docs_tokens, row_len)
+        if groups is None:
+            units = [[p] for p in pieces]
+        else:
+            whole = {p[0]: p for p in pieces if p[1] == 0 and p[2] == len(docs_tokens[p[0]])}
+            if sorted(d for g in groups for d in g) != list(range(len(docs_tokens))):
+                raise ValueError("groups: every document must be in exactly one group")
+            if any(d not in whole for g in groups for d in g) or any(
+                    sum(whole[d][2] for d in g) > row_len for g in groups):
+                raise ValueError(f"groups: a group is longer than a row of {row_len} tokens")
+            units = [[whole[d] for d in g] for g in groups]
+        sizes = [sum(p[2] - p[1] for p in unit) for unit in units]
+        # Within a row: groups by their first piece, in document order; a group's pieces in its own order.
+        self.layout = [[p for u in sorted(row, key=lambda u: units[u][0]) for p in units[u]]
+                       for row in _best_fit(sizes, row_len)]
         self.rows = len(self.layout)
         self.steps_per_epoch = -(-self.rows // self.batch_size)
         slots = self.steps_per_epoch * self.batch_size

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from .. import tree
 from ..checkpoints.train_state import CheckpointDamaged, Checkpoints
 from ..config import Llama4Config, TextConfig
-from ..data import conversations, corpus, packing
-from ..data.examples import CHAT_FILE
+from ..data import conversations, corpus, packing, preferences
+from ..data.examples import CHAT_FILE, PREFERENCES_FILE
 from ..data.tokenizer import Tokenizer
 from ..infer import Model, load
 from ..infer.load import model_config
@@ -38,26 +38,25 @@ class TrainingError(RuntimeError):
 
 
 def _data(tc: TrainConfig, tokenizer_dir: Path, progress: bool = False) -> tuple[Tokenizer, packing.PackedDataset]:
-    """The run's tokenizer and packed rows: text documents (every token in the loss) or JSONL conversations
-    (assistant turns only; conversations longer than a row are dropped, and the counts printed)."""
+    """The run's tokenizer and packed rows: text documents (every token in the loss), JSONL conversations
+    (assistant turns only) or preference pairs (DPO); for the last two the counts used and dropped are printed."""
     tok = Tokenizer(tokenizer_dir)
     paths = []
     for p in tc.data:
         if p == "corpus":
             paths += corpus.corpus_files()
-        elif p == "corpus-chat":
-            paths.append(corpus.corpus_dir() / CHAT_FILE)
+        elif p in ("corpus-chat", "corpus-preferences"):
+            paths.append(corpus.corpus_dir() / (CHAT_FILE if p == "corpus-chat" else PREFERENCES_FILE))
         else:
             paths.append(Path(p))
     pad = tok.pad_id if tok.pad_id is not None else 0  # the config's pad id, as generate uses it
-    if tc.data_format == "chat":
-        ds, report = conversations.pack(conversations.read_jsonl(paths, tok), tc.seq_len, tc.batch_size,
-                                        seed=tc.seed, pad_id=pad)
+    if tc.data_format in ("chat", "preference"):
+        kind = conversations if tc.data_format == "chat" else preferences
+        options = {"too_long": tc.too_long} if tc.data_format == "chat" else {}
+        ds, report = kind.pack(kind.read_jsonl(paths, tok), tc.seq_len, tc.batch_size, seed=tc.seed, pad_id=pad,
+                               **options)
         if progress:
-            print(f"chat data: {report['used']} of {report['conversations']} conversations "
-                  f"({report['dropped_too_long']} longer than a row of {tc.seq_len + 1} dropped), "
-                  f"{report['tokens']:,} tokens, "
-                  f"{report['loss_tokens']:,} of them in the loss (assistant turns)", flush=True)
+            print(f"{tc.data_format} data: {kind.describe(report, tc.seq_len + 1)}", flush=True)
         return tok, ds
     docs = packing.tokenize(packing.read_documents(paths), tok)
     return tok, packing.PackedDataset(docs, tc.seq_len, tc.batch_size, seed=tc.seed, pad_id=pad)
@@ -258,5 +257,6 @@ def _describe(tc: TrainConfig) -> dict:
     """The part of the training config a resumed run must share (the rest, e.g. steps or logging, may change)."""
     d = tc.to_dict()
     keys = ("seq_len", "batch_size", "seed", "data", "lora", "scan", "param_dtype")
-    # data_format only when not the default, so that runs written before it existed still resume
-    return {k: d[k] for k in keys + (("data_format",) if tc.data_format != "text" else ())}
+    # Later fields only when not their default, so that runs written before they existed still resume.
+    later = {"data_format": "text", "too_long": "drop", "objective": "lm", "dpo": None}
+    return {k: d[k] for k in keys + tuple(k for k, default in later.items() if d[k] != default)}

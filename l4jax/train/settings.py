@@ -16,7 +16,9 @@ from ..model.kernels import QUERY_BLOCK, Kernels
 from .lora import LoraConfig, LoraError
 
 
-DATA_FORMATS = ("text", "chat")
+DATA_FORMATS = ("text", "chat", "preference")
+OBJECTIVES = ("lm", "dpo")
+TOO_LONG = ("drop", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +28,26 @@ class DistillSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class DpoSettings:
+    beta: float = 0.1         # the inverse temperature of the implicit reward beta * log(pi / ref)
+    sft_weight: float = 0.0   # weight of the chosen answers' cross-entropy added to the DPO loss (0: pure DPO)
+
+    def __post_init__(self):
+        for f in ("beta", "sft_weight"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (f == "beta" and v == 0):
+                raise ConfigError(f"train.dpo.{f}: must be a number {'> 0' if f == 'beta' else '>= 0'}, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # data
     data: tuple[str, ...] = ("corpus",)  # files; "corpus" = the public-domain corpus shipped with l4jax
     data_format: str = "text"            # "text": documents, every token in the loss; "chat": JSONL conversations,
-                                         # assistant turns only (data.conversations). YAML: data: {format, files}
+                                         # assistant turns only (data.conversations); "preference": JSONL pairs
+                                         # for DPO (data.preferences). YAML: data: {format, files, too_long}
+    too_long: str = "drop"               # chat conversations longer than a row: "drop" or "split" at messages
+    objective: str = "lm"                # "lm": next-token loss (text, chat); "dpo": preference pairs
     seq_len: int = 128
     batch_size: int = 16                 # sequences per optimizer step (over all devices and microbatches)
     grad_accum: int = 1                  # microbatches per step; batch_size must be a multiple
@@ -64,6 +81,7 @@ class TrainConfig:
     log_every: int = 10
     lora: LoraConfig | None = None
     distill: DistillSettings | None = None
+    dpo: DpoSettings | None = None       # objective dpo: its settings (None = the defaults)
 
     def __post_init__(self):
         def fail(field, msg):
@@ -102,9 +120,22 @@ class TrainConfig:
             fail("data", "no data files given")
         if self.data_format not in DATA_FORMATS:
             fail("data_format", f"unknown format {self.data_format!r}; expected one of {', '.join(DATA_FORMATS)}")
-        if self.data_format == "chat" and "corpus" in self.data:
-            fail("data", "'corpus' is the shipped text corpus; chat data are JSONL files (e.g. the shipped "
-                         "l4jax/data/corpus/chat.jsonl: 'corpus-chat')")
+        if self.data_format != "text" and "corpus" in self.data:
+            fail("data", f"'corpus' is the shipped text corpus; {self.data_format} data are JSONL files (the shipped "
+                         "ones: 'corpus-chat', 'corpus-preferences')")
+        if self.too_long not in TOO_LONG:
+            fail("too_long", f"expected one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
+        if self.objective not in OBJECTIVES:
+            fail("objective", f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if (self.objective == "dpo") != (self.data_format == "preference"):
+            fail("objective", f"{self.objective!r} with data format {self.data_format!r}: DPO trains on preference "
+                              "data, and preference data train with the dpo objective")
+        if self.objective == "dpo" and self.dpo is None:
+            object.__setattr__(self, "dpo", DpoSettings())
+        if self.objective != "dpo" and self.dpo is not None:
+            fail("dpo", f"DPO settings given but the objective is {self.objective!r}")
+        if self.objective == "dpo" and self.distill is not None:
+            fail("distill", "codistillation trains on next-token targets, not on preference pairs")
 
     @property
     def microbatch(self) -> int:
@@ -119,13 +150,14 @@ class TrainConfig:
         reject_unknown(d, "train", {f.name for f in dataclasses.fields(cls)})
         if isinstance(d.get("data"), Mapping):  # data: {format: chat, files: [...]}
             spec = dict(d.pop("data"))
-            reject_unknown(spec, "train.data", {"format", "files"})
+            reject_unknown(spec, "train.data", {"format", "files", "too_long"})
             if "files" not in spec:
-                raise ConfigError("train.data: give files: [...] (and format: text or chat)")
+                raise ConfigError("train.data: give files: [...] (and format: text, chat or preference)")
             d["data"], d["data_format"] = spec["files"], spec.get("format", "text")
+            d["too_long"] = spec.get("too_long", "drop")
         if "data" in d:
             d["data"] = tuple([d["data"]] if isinstance(d["data"], str) else d["data"])
-        for name, sub in (("lora", LoraConfig), ("distill", DistillSettings)):
+        for name, sub in (("lora", LoraConfig), ("distill", DistillSettings), ("dpo", DpoSettings)):
             if d.get(name) is not None:
                 v = d[name]
                 if not (v is True or isinstance(v, Mapping)):

@@ -1,14 +1,20 @@
-"""The sharded train step: next-token loss (or codistillation), gradient accumulation, AdamW, under one jit.
+"""The sharded train step: next-token loss (or codistillation, or DPO), gradient accumulation, AdamW, under one jit.
 
     state = {"step": [], "params": trainable tree, "opt": optax state}     (donated, sharded by the rules)
-    frozen = base weights when LoRA trains adapters only, else {}
-    batch  = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}: [A, b, T], A microbatches of b rows
+    frozen = base weights when LoRA trains adapters only; DPO's reference weights when it trains them all; else {}
+    batch  = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}: [A, b, T], A microbatches of b rows,
+             and for DPO "pairs" [A, b, P] (``data.preferences``)
+
+DPO's reference is the model at the start: under LoRA the frozen base itself (the model with its adapters off, so
+no second copy of the weights exists), otherwise a frozen copy of the starting weights.
 
 ``Trainer`` builds the module (scanned layers, remat), the optimizer, the shardings of every tree from the logical
 axis rules, and the jitted step. ``train.loop`` runs it with data, checkpoints and metrics.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -21,10 +27,12 @@ from ..model.decoder import Inputs, Llama4Text, abstract_params, init_params, st
 from ..model.kernels import Kernels
 from ..parallel import batch_multiple, param_shardings, partitioning, platform, put
 from . import lora as lora_lib
-from .losses import codistillation, cross_entropy, cross_entropy_by_blocks
+from .losses import (codistillation, cross_entropy, cross_entropy_by_blocks, dpo, dpo_pairs,
+                     token_logprobs_by_blocks)
 from .settings import TrainConfig
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+DPO_KEYS = BATCH_KEYS + ("pairs",)
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -64,14 +72,20 @@ class Trainer:
         self.tx = optimizer(tc)
         self.lora = tc.lora
         self._layout_state()
+        self.dpo = tc.dpo if tc.objective == "dpo" else None
+        self.batch_keys = BATCH_KEYS if self.dpo is None else DPO_KEYS
+        # The step divides every sum by this count: tokens in the loss, or preference pairs for DPO.
+        self.count = "tokens" if self.dpo is None else "pairs"
         self.batch_sharding = None if mesh is None else self.part.sharding((None, BATCH, LENGTH))
+        batch_sh = None if mesh is None else {
+            k: self.part.sharding((None, BATCH, None)) if k == "pairs" else self.batch_sharding
+            for k in self.batch_keys}
         teacher_sh = None
         if teacher is not None and mesh is not None:
             teacher_sh = param_shardings(teacher.config, teacher.part, teacher.dtype)
         self._step = jax.jit(self._train_step, donate_argnums=(0,),
                              in_shardings=None if mesh is None else (
-                                 self.state_shardings, self.frozen_shardings, teacher_sh,
-                                 {k: self.batch_sharding for k in BATCH_KEYS}),
+                                 self.state_shardings, self.frozen_shardings, teacher_sh, batch_sh),
                              out_shardings=None if mesh is None else (self.state_shardings, None))
 
     def _layout_state(self) -> None:
@@ -92,7 +106,8 @@ class Trainer:
         self.state_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": nn.meta.unbox(trainable_boxed),
                              "opt": nn.meta.unbox(opt_boxed)}
         self.state_shardings = self._shardings(state_axes)
-        self.frozen_shardings = {} if self.lora is None else self._shardings(self.param_axes)
+        holds = self.lora is not None or self.tc.objective == "dpo"
+        self.frozen_shardings = self._shardings(self.param_axes) if holds else {}
 
     def _shardings(self, axes):
         if self.mesh is None:
@@ -107,13 +122,15 @@ class Trainer:
         base_sh = self._shardings(self.param_axes)
         if params is None:
             make = lambda k: nn.meta.unbox(init_params(self.module, k))  # noqa: E731
-            full = jax.jit(make, out_shardings=None if self.mesh is None else base_sh)(key)
+            start = lambda: jax.jit(make, out_shardings=None if self.mesh is None else base_sh)(key)  # noqa: E731
         else:
             stack = (lambda p: stack_layers(p, self.config.text)) if self.tc.scan else (lambda p: p)
             cast = lambda p: jax.tree.map(lambda a: a.astype(self.tc.param_dtype), stack(p))  # noqa: E731
-            full = jax.jit(cast, out_shardings=None if self.mesh is None else base_sh)(params)
+            start = lambda: jax.jit(cast, out_shardings=None if self.mesh is None else base_sh)(params)  # noqa: E731
+        full = start()
         if self.lora is None:
-            trainable, frozen = full, {}
+            # DPO's reference: the same starting weights made again (the trained ones are donated at every step).
+            trainable, frozen = full, (start() if self.dpo is not None else {})
         else:
             make_lora = lambda k: lora_lib.init(full, self.lora, k)  # noqa: E731
             trainable = jax.jit(make_lora, out_shardings=self.state_shardings["params"] if self.mesh else None)(
@@ -144,7 +161,7 @@ class Trainer:
         """Host batch [B, T] per key -> device arrays [A, b, T], b rows split over the batch axes."""
         A = self.tc.grad_accum
         out = {}
-        for k in BATCH_KEYS:
+        for k in self.batch_keys:
             host = batch[k].reshape(A, -1, *batch[k].shape[1:])
             out[k] = jnp.asarray(host) if self.mesh is None else put(host, self.batch_sharding)
         return out
@@ -161,7 +178,12 @@ class Trainer:
         inputs = Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
         out = self.module.apply({"params": params}, inputs, mutable=["aux"] if self.aux else False)
         (out, aux) = out if self.aux else (out, {})
-        if self.teacher is None:
+        if self.dpo is not None:
+            sums = dpo(*self._logprobs(out, frozen, inputs, mb["targets"]), mb["loss_mask"], mb["segment_ids"],
+                       mb["pairs"], beta=self.dpo.beta, sft_weight=self.dpo.sft_weight)
+            sums["tokens"] = jnp.sum(mb["loss_mask"].astype(jnp.float32))
+            total = sums["loss"]
+        elif self.teacher is None:
             ce, n = cross_entropy_by_blocks(out.hidden, out.head, mb["targets"], mb["loss_mask"])
             sums = {"ce": ce, "tokens": n}
             total = ce
@@ -172,7 +194,9 @@ class Trainer:
                                          alpha=tc.distill.alpha, tau=tc.distill.tau)
             sums = {"ce": ce, "tokens": n, "alpha": a}
         if self.aux:
-            # Mean over MoE layers (scanned layers sow one value per block), weighted by tokens like the CE.
+            # Mean over MoE layers (scanned layers sow one value per block), weighted like the main loss (by tokens
+            # or pairs).
+            n = sums[self.count]
             for name, coef in (("load_balance", tc.load_balance), ("z_loss", tc.z_loss)):
                 vals = [v for path, v in jax.tree_util.tree_leaves_with_path(aux) if path[-2].key == name]
                 term = jnp.mean(jnp.concatenate([jnp.ravel(v) for v in vals]))
@@ -180,6 +204,30 @@ class Trainer:
                 total = total + coef * term * n
         sums["loss"] = total
         return total, sums
+
+    def _logprobs(self, out, reference, inputs, targets) -> tuple[jax.Array, jax.Array]:
+        """log p(target) [b, T] under the policy (its forward ``out``) and under the frozen ``reference`` weights."""
+        ref = self.module.apply({"params": jax.lax.stop_gradient(reference)}, inputs)
+        return (token_logprobs_by_blocks(out.hidden, out.head, targets),
+                token_logprobs_by_blocks(ref.hidden, ref.head, targets))
+
+    def pair_terms(self, state: dict, frozen: dict, batch: dict) -> dict:
+        """DPO only: each pair's terms (``losses.dpo_pairs``: margin, rewards, loss...) [A, b, P] of a host batch
+        under the current weights; where ``batch["pairs"]`` is 0 the values mean nothing."""
+        if self.dpo is None:
+            raise ValueError("pair_terms: this trainer's objective is not dpo")
+        return self._pair_terms(state, frozen, self.put_batch(batch))
+
+    @functools.cached_property
+    def _pair_terms(self):
+        def terms(state, frozen, mb):
+            params = state["params"] if self.lora is None else lora_lib.merge(frozen, state["params"], self.lora)
+            inputs = Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+            out = self.module.apply({"params": params}, inputs)
+            return dpo_pairs(*self._logprobs(out, frozen, inputs, mb["targets"]), mb["loss_mask"],
+                             mb["segment_ids"], mb["pairs"].shape[-1], beta=self.dpo.beta,
+                             sft_weight=self.dpo.sft_weight)
+        return jax.jit(jax.vmap(terms, in_axes=(None, None, 0)))
 
     def _train_step(self, state, frozen, teacher, batch):
         grad_fn = jax.grad(self.loss, has_aux=True)
@@ -196,11 +244,13 @@ class Trainer:
             (grads, sums), _ = micro(acc0, jax.tree.map(lambda a: a[0], batch))
         else:
             (grads, sums), _ = jax.lax.scan(micro, acc0, batch)
-        n = jnp.maximum(sums["tokens"], 1.0)
+        n = jnp.maximum(sums[self.count], 1.0)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state["params"])
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {k: v / n for k, v in sums.items() if k != "tokens"}
+        metrics = {k: v / n for k, v in sums.items() if k not in ("tokens", "pairs")}
+        if self.dpo is not None:
+            metrics["pairs"] = sums["pairs"]
         # Checked on the host before a checkpoint is written: a finite loss can still give an overflowing update.
         finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
         metrics.update(tokens=sums["tokens"], grad_norm=optax.tree.norm(grads), params_finite=finite,

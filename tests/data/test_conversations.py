@@ -11,7 +11,7 @@ import pytest
 import l4jax
 from l4jax.data import Tokenizer, corpus_dir
 from l4jax.data.conversations import ConversationError, pack, read_jsonl, render
-from l4jax.data.examples import CHAT_FILE, write_chat_examples
+from l4jax.data.examples import CHAT_FILE, write_examples
 from l4jax.train import TrainConfig, Trainer
 from l4jax.train.lora import LoraConfig
 
@@ -71,7 +71,7 @@ def test_packing_keeps_conversations_apart_and_masks_the_targets(tok):
                 for i in range(1, 6)]
     long = render(tok, [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}])
     ds, report = pack(examples + [long], seq_len=64, batch_size=2)
-    assert report == {"conversations": 6, "used": 5, "dropped_too_long": 1,
+    assert report == {"conversations": 6, "used": 5, "dropped_too_long": 1, "split": 0, "cut_inside_a_message": 0,
                       "tokens": sum(len(e.ids) for e in examples),
                       "loss_tokens": int(sum(e.weights.sum() for e in examples))}
     seen = 0.0
@@ -144,7 +144,7 @@ def test_a_chat_training_step_counts_the_assistant_tokens_only(tok):
 def test_the_shipped_chat_examples_are_made_from_the_corpus(tok, tmp_path):
     """corpus/chat.jsonl is what l4jax/data/examples.py makes (a rerun writes the same bytes); every conversation
     fits a row of configs/tiny-sft.yaml."""
-    made = write_chat_examples(tmp_path)
+    made = write_examples(tmp_path)[0]
     assert made.read_bytes() == (corpus_dir() / CHAT_FILE).read_bytes()
     examples = read_jsonl([made], tok)
     seq_len = TrainConfig.from_yaml("tiny-sft").seq_len

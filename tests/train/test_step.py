@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 import l4jax
 from l4jax import tree
+from l4jax import data as data_lib
 from l4jax.config import ConfigError, load_config
+from l4jax.data import conversations, preferences
 from l4jax.checkpoints import hf_import
 from l4jax.train.losses import codistillation, cross_entropy
 from l4jax.model.decoder import unstack_layers
@@ -103,11 +105,27 @@ def run_steps(trainer, batch, n=2, params=None):
     return losses, jax.device_get(state["params"])
 
 
+def chat_setup(kind: str, **overrides):
+    """The tiny model on shipped chat conversations (split at messages to fit) or preference pairs (DPO)."""
+    tok = data_lib.Tokenizer(data_lib.corpus_dir())
+    if kind == "chat":
+        examples = conversations.read_jsonl([data_lib.corpus_dir() / "chat.jsonl"], tok)[:40]
+        ds, _ = conversations.pack(examples, seq_len=96, batch_size=8, too_long="split")
+        fields = dict(data=("corpus-chat",), data_format="chat", too_long="split", seq_len=96)
+    else:
+        pairs = preferences.read_jsonl([data_lib.corpus_dir() / "preferences.jsonl"], tok)[:60]
+        ds, _ = preferences.pack(pairs, seq_len=192, batch_size=8)
+        fields = dict(data=("corpus-preferences",), data_format="preference", objective="dpo", seq_len=192)
+    tc = TrainConfig(batch_size=8, steps=10, warmup_steps=2, lr=1e-2, **fields, **overrides)
+    return load_config("tiny"), tc, ds.batch(0)
+
+
 @pytest.mark.slow
-def test_sharded_step_equals_single_device():
+@pytest.mark.parametrize("kind", ["text", "chat", "dpo"])
+def test_sharded_step_equals_single_device(kind):
     # eps=1e-3: Adam's update is then linear in tiny gradients instead of ~lr * sign(g), so rounding differences
     # between the sharded and the single-device gradient stay rounding-sized in the weights.
-    config, tc, batch = tiny_setup(eps=1e-3)
+    config, tc, batch = tiny_setup(eps=1e-3) if kind == "text" else chat_setup(kind, eps=1e-3)
     ref_losses, ref_params = run_steps(Trainer(config, tc), batch, n=3)
     mesh = l4jax.make_mesh(data=2, expert=2, tensor=2)
     sharded = Trainer(config, tc, mesh)
