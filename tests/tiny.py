@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import Llama4ForCausalLM, Llama4TextConfig
@@ -118,6 +119,52 @@ def make_tokenizer(path: Path) -> int:
     return base
 
 
+
+
+VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+          "image_size": 28, "patch_size": 7, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 48,
+          "projector_output_dim": 48, "vision_output_dim": 48, "rope_theta": 10000}
+
+
+def save_images(folder: Path) -> list[Path]:
+    """A preprocessor config (28-px tiles, at most 6) and three PNG images in ``folder``: a wide one (several tiles
+    and a thumbnail), then two that fit one tile."""
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"height": 28, "width": 28}, "max_patches": 6, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:50, 0:90]
+    images = [np.stack([x * 2, y * 5, (x + y) * 3], -1).astype(np.uint8),
+              rng.integers(0, 256, (20, 25, 3), dtype=np.uint8), rng.integers(0, 256, (17, 26, 3), dtype=np.uint8)]
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(folder / f"image{i}.png")
+        Image.fromarray(im).save(paths[-1])
+    return paths
+
+
+def save_vlm(folder: Path):
+    """A tiny random Llama4ForConditionalGeneration (the top2 text config, VISION) saved in ``folder`` with its
+    tokenizer (``make_tokenizer``) and ``save_images``; norms and biases randomised (HF inits them to 1/0).
+    Returns (the model, the image paths)."""
+    from transformers import Llama4Config as HFConfig
+    from transformers import Llama4ForConditionalGeneration
+    base = make_tokenizer(folder)
+    vocab = base + len(SPECIALS) + 1
+    ids = {s: base + i for i, s in enumerate(SPECIALS)}
+    torch.manual_seed(0)
+    cfg = HFConfig(text_config=dict(CONFIGS["top2"], vocab_size=vocab + (-vocab % 8)),
+                   vision_config=VISION, image_token_index=ids["<|patch|>"],
+                   boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"])
+    cfg._attn_implementation = "eager"
+    model = Llama4ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif n.endswith("bias") or n.startswith("vision_model.class") or "positional" in n:
+                p.copy_(0.3 * torch.randn_like(p))
+    model.save_pretrained(str(folder))
+    return model, save_images(folder)
 
 
 def damage_largest_file(folder: Path) -> Path:

@@ -11,9 +11,15 @@ that does not is refused, naming the message.
 File format: one JSON object per line, ``{"messages": [...]}`` (roles and parts as ``l4jax.data.chat``
 describes; ``"tools": [...]`` optional). Errors and skips name the file and line.
 
+Images: an image part (``{"type": "image", "image" | "path" | "url": local path}``, a relative path read from the
+JSONL file's folder) renders as ``<|image|>``, which becomes the image's tokens (``images.image_tokens``: one
+``<|patch|>`` per feature row of its tiles), none of them in the loss; the example carries the tiles (``pixels``
+[n, 3, S, S]). A model without a vision tower refuses them, naming the file and line.
+
 A conversation longer than a training row is dropped (counted), or with ``too_long="split"`` cut at message
 boundaries into pieces that each fit a row (each its own document; pieces with no assistant token are left out). A
-single message longer than a row is then cut inside it, and counted.
+single message longer than a row is then cut inside it, and counted. A conversation with images is never split
+(its tiles go with the whole): too long, it is dropped.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from .chat import ChatTemplateError
+from .images import ImageError, ImageProcessor, image_tokens, message_images
 from .packing import PackedDataset
-from .tokenizer import Tokenizer
+from .tokenizer import IMAGE, Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 
@@ -50,6 +57,26 @@ class Example:
     weights: np.ndarray
     where: str
     turns: tuple[int, ...] = ()
+    pixels: np.ndarray | None = None  # [n, 3, S, S] the tiles of its images, in order (None: no image)
+
+
+@dataclasses.dataclass(frozen=True)
+class Vision:
+    """What rendering images needs from the model: its tile maker and ``<|patch|>`` tokens per tile.
+    ``root``: the folder relative image paths are read from."""
+
+    processor: ImageProcessor
+    tokens_per_tile: int
+    root: Path | None = None
+
+    @classmethod
+    def for_model(cls, config, folder: str | Path | None) -> "Vision | None":
+        """From a ``Llama4Config`` (None without a vision tower) and the folder with its preprocessor_config.json."""
+        if config.vision is None:
+            return None
+        tile = config.vision.image_size
+        processor = ImageProcessor.from_folder(folder, tile) if folder else ImageProcessor(tile=tile)
+        return cls(processor, config.vision.tokens_per_tile)
 
 
 def check_message(m: Any, where: str) -> None:
@@ -99,9 +126,10 @@ def assistant_spans(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
 
 
 def render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], tools=None,
-           where: str = "conversation", from_message: int = 0) -> Example:
+           where: str = "conversation", from_message: int = 0, vision: Vision | None = None) -> Example:
     """One conversation -> ``Example``: its ids (BOS first, from the template) and the assistant-only weights
-    (only the assistant turns from message ``from_message`` on: a preference pair's answers, not its prompt)."""
+    (only the assistant turns from message ``from_message`` on: a preference pair's answers, not its prompt);
+    image parts need ``vision`` (the model's)."""
     text, spans, turn_chars = assistant_spans(tokenizer, messages, tools, where, from_message)
     ids, offsets = tokenizer.encode_with_offsets(text)
     starts = np.array([start for start, _ in offsets])
@@ -109,13 +137,53 @@ def render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], tools=No
     for lo, hi in spans:
         weights[(starts >= lo) & (starts < hi)] = 1.0
     turns = tuple(int(np.searchsorted(starts, c)) for c in turn_chars)
-    return Example(np.asarray(ids, np.int32), weights, where, turns)
+    example = Example(np.asarray(ids, np.int32), weights, where, turns)
+    try:
+        sources = message_images(messages)
+    except ValueError as e:
+        raise ConversationError(f"{where}: {e}") from None
+    return _with_images(tokenizer, example, sources, vision) if sources else example
 
 
-def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer) -> list[Example]:
-    """Every conversation of the JSONL files, rendered; a bad line is an error naming the file and line."""
+def _with_images(tokenizer: Tokenizer, ex: Example, sources: list, vision: Vision | None) -> Example:
+    """Each ``<|image|>`` token of ``ex`` replaced by its image's tokens (weights 0), and the tiles attached."""
+    if vision is None:
+        raise ConversationError(f"{ex.where}: the conversation has images but the model has no vision tower")
+    image_id = tokenizer.token_id(IMAGE)
+    at = np.flatnonzero(ex.ids == image_id)
+    if len(at) != len(sources):
+        raise ConversationError(f"{ex.where}: {len(sources)} image part(s) but {len(at)} {IMAGE} in the rendered "
+                                "text (is there an <|image|> typed into a message?)")
+    paths = [vision.root / s if vision.root and isinstance(s, str) and not Path(s).is_absolute() else s
+             for s in sources]
+    try:
+        pixels, grids = vision.processor(paths)
+    except (ImageError, OSError) as e:
+        raise ConversationError(f"{ex.where}: {e}") from None
+    ids, weights, new_at = [], [], np.zeros(len(ex.ids) + 1, np.int64)  # new_at[i]: old token i's new index
+    prev = 0
+    for k, i in enumerate(at):
+        ids.append(ex.ids[prev:i])
+        weights.append(ex.weights[prev:i])
+        block = tokenizer.encode(image_tokens(*grids[k], vision.tokens_per_tile), add_bos=False)
+        ids.append(np.asarray(block, np.int32))
+        weights.append(np.zeros(len(block), np.float32))
+        prev = i + 1
+    ids.append(ex.ids[prev:])
+    weights.append(ex.weights[prev:])
+    sizes = np.ones(len(ex.ids), np.int64)
+    sizes[at] = [len(w) for w in weights[1:-1:2]]
+    new_at[1:] = np.cumsum(sizes)
+    return Example(np.concatenate(ids), np.concatenate(weights), ex.where, tuple(int(new_at[t]) for t in ex.turns),
+                   pixels)
+
+
+def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer, vision: Vision | None = None) -> list[Example]:
+    """Every conversation of the JSONL files, rendered (images with ``vision``, relative paths from each file's
+    folder); a bad line is an error naming the file and line."""
     out = []
     for path in map(Path, paths):
+        at = None if vision is None else dataclasses.replace(vision, root=path.parent)
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -126,7 +194,7 @@ def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer) -> list[Exampl
                 raise ConversationError(f"{where}: not JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(record, Mapping) or "messages" not in record:
                 raise ConversationError(f"{where}: expected an object with a 'messages' list")
-            out.append(render(tokenizer, record["messages"], record.get("tools"), where))
+            out.append(render(tokenizer, record["messages"], record.get("tools"), where, vision=at))
     return out
 
 
@@ -163,7 +231,7 @@ def pack(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int =
     for e in examples:
         if len(e.ids) <= row_len:
             keep.append(e)
-        elif too_long == "split":
+        elif too_long == "split" and e.pixels is None:  # (a conversation's images go with it whole)
             pieces, inside = split(e, row_len)
             keep += pieces
             n_split += 1
@@ -177,8 +245,13 @@ def pack(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int =
               "cut_inside_a_message": n_inside, "dropped_too_long": dropped,
               "tokens": sum(len(e.ids) for e in keep), "loss_tokens": int(sum(e.weights.sum() for e in keep))}
     ds = PackedDataset([e.ids for e in keep], seq_len, batch_size, seed, pad_id=pad_id,
-                       docs_weights=[e.weights for e in keep])
+                       docs_weights=[e.weights for e in keep], docs_pixels=_pixels(keep))
     return ds, report
+
+
+def _pixels(examples: Sequence[Example]) -> list[np.ndarray | None] | None:
+    """Each example's tiles for ``PackedDataset(docs_pixels=...)``; None when no example has an image."""
+    return [e.pixels for e in examples] if any(e.pixels is not None for e in examples) else None
 
 
 def describe(report: Mapping[str, int], row_len: int) -> str:

@@ -157,11 +157,15 @@ class PackedDataset:
     elsewhere for chat data (``conversations``); the loss mask is then that weight where the target is in the same
     piece. ``groups`` (optional): lists of document indices that must share a row, side by side in that order
     (a preference pair: its chosen then its rejected answer); every document in one group, each whole.
+    ``docs_pixels`` (optional, one entry per document: its images' tiles [n, 3, S, S] in order, or None): a row's
+    tiles are its documents' in row order, and ``batch`` adds ``pixels`` [B, K, 3, S, S] (K: the most tiles of any
+    row; unused slots zero). A document with tiles is never cut (it must fit a row).
     """
 
     def __init__(self, docs_tokens: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int = 0, *,
                  pad_id: int = 0, docs_weights: Sequence[np.ndarray] | None = None,
-                 groups: Sequence[Sequence[int]] | None = None):
+                 groups: Sequence[Sequence[int]] | None = None,
+                 docs_pixels: Sequence[np.ndarray | None] | None = None):
         for name, value, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -205,11 +209,36 @@ class PackedDataset:
                     self._weights[r, at:at + n] = np.asarray(docs_weights[d])[start:stop]
                 at += n
         self.num_tokens = int(sum(np.asarray(t).size for t in docs_tokens))
+        self._row_pixels = None if docs_pixels is None else self._tiles_by_row(docs_tokens, docs_pixels)
         self._perm: tuple[int, np.ndarray] | None = None
+
+    def _tiles_by_row(self, docs_tokens, docs_pixels) -> list[np.ndarray | None]:
+        if len(docs_pixels) != len(docs_tokens):
+            raise ValueError("docs_pixels: one entry (tiles or None) per document expected")
+        shapes = {px.shape[1:] for px in docs_pixels if px is not None}
+        if len(shapes) != 1:
+            raise ValueError(f"docs_pixels: expected tiles of one shape [3, S, S], got {sorted(shapes)}")
+        self._tile_shape = shapes.pop()
+        rows = []
+        for row in self.layout:
+            tiles = []
+            for d, start, stop in row:
+                if docs_pixels[d] is not None:
+                    if (start, stop) != (0, len(docs_tokens[d])):
+                        raise ValueError(f"docs_pixels: document {d} has images but is longer than a row")
+                    tiles.append(docs_pixels[d])
+            rows.append(np.concatenate(tiles) if tiles else None)
+        self.tiles_per_row = max(0 if t is None else len(t) for t in rows)
+        return rows
 
     def __len__(self) -> int:
         """Packed rows holding data (the empty rows that round an epoch up to whole batches not counted)."""
         return self.rows
+
+    @property
+    def has_images(self) -> bool:
+        """Whether batches carry ``pixels`` (some document has image tiles)."""
+        return self._row_pixels is not None
 
     @property
     def tokens_per_batch(self) -> int:
@@ -253,5 +282,12 @@ class PackedDataset:
             same *= self._weights[rows, 1:]
         out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments[:, :-1],
                "positions": self._positions[rows, :-1], "loss_mask": same}
+        if self._row_pixels is not None:
+            pixels = np.zeros((len(rows), self.tiles_per_row, *self._tile_shape), np.float32)
+            for b, r in enumerate(rows):
+                tiles = self._row_pixels[r] if r < self.rows else None
+                if tiles is not None:
+                    pixels[b, :len(tiles)] = tiles
+            out["pixels"] = pixels
         # Contiguous copies: slices of the gathered rows would be strided views sharing one buffer.
         return {k: np.ascontiguousarray(v) for k, v in out.items()}

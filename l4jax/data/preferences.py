@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .conversations import ConversationError, Example, check_message, render
+from .conversations import ConversationError, Example, Vision, _pixels, check_message, render
 from .packing import PackedDataset
 from .tokenizer import Tokenizer
 
@@ -51,7 +51,7 @@ def _messages(value: Any, field: str, where: str, role: str) -> list:
                             f"{json.dumps(value)[:60]}")
 
 
-def render_pair(tokenizer: Tokenizer, record: Any, where: str = "pair") -> Pair:
+def render_pair(tokenizer: Tokenizer, record: Any, where: str = "pair", vision: Vision | None = None) -> Pair:
     """One JSONL record -> ``Pair``; a bad record is a ``ConversationError`` naming ``where`` and the field."""
     if not isinstance(record, Mapping):
         raise ConversationError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
@@ -69,17 +69,19 @@ def render_pair(tokenizer: Tokenizer, record: Any, where: str = "pair") -> Pair:
     if answers["chosen"] == answers["rejected"]:
         raise ConversationError(f"{where}: the rejected answer is the same as the chosen one")
     tools = record.get("tools")
-    chosen, rejected = (render(tokenizer, prompt + answers[f], tools, f"{where} ({f})", from_message=len(prompt))
-                        for f in ("chosen", "rejected"))
+    chosen, rejected = (render(tokenizer, prompt + answers[f], tools, f"{where} ({f})", from_message=len(prompt),
+                               vision=vision) for f in ("chosen", "rejected"))
     if np.array_equal(chosen.ids, rejected.ids):
         raise ConversationError(f"{where}: the rejected answer renders to the same tokens as the chosen one")
     return Pair(chosen, rejected, where)
 
 
-def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer) -> list[Pair]:
-    """Every pair of the JSONL files, rendered; a bad line is an error naming the file and line."""
+def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer, vision: Vision | None = None) -> list[Pair]:
+    """Every pair of the JSONL files, rendered (images with ``vision``, relative paths from each file's folder); a
+    bad line is an error naming the file and line."""
     out = []
     for path in map(Path, paths):
+        at = None if vision is None else dataclasses.replace(vision, root=path.parent)
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -88,7 +90,7 @@ def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer) -> list[Pair]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConversationError(f"{where}: not JSON ({e.msg}, column {e.colno})") from None
-            out.append(render_pair(tokenizer, record, where))
+            out.append(render_pair(tokenizer, record, where, at))
     return out
 
 
@@ -98,7 +100,7 @@ class PairedDataset(PackedDataset):
     def __init__(self, pairs: Sequence[Pair], seq_len: int, batch_size: int, seed: int = 0, *, pad_id: int = 0):
         examples = [e for p in pairs for e in (p.chosen, p.rejected)]
         super().__init__([e.ids for e in examples], seq_len, batch_size, seed, pad_id=pad_id,
-                         docs_weights=[e.weights for e in examples],
+                         docs_weights=[e.weights for e in examples], docs_pixels=_pixels(examples),
                          groups=[[2 * i, 2 * i + 1] for i in range(len(pairs))])
         self.num_pairs = len(pairs)
         self._pairs = np.zeros(self._tokens.shape[0], np.int32)

@@ -54,7 +54,7 @@ def train_program(config: Llama4Config, tc: TrainConfig, mesh) -> Program:
                                      sharding=trainer.batch_sharding) for k in BATCH_KEYS}
     state = trainer.abstract_state()
     held = {"weights": (state["params"], frozen), "optimizer state": {k: v for k, v in state.items() if k != "params"}}
-    return Program(trainer._step, (state, frozen, None, batch), held=held)
+    return Program(trainer._step, (state, frozen, {}, batch), held=held)  # fixed: no teacher, no images
 
 
 def _inference(config: Llama4Config, mesh, dtype, moe_impl: str):

@@ -11,23 +11,26 @@ so a resumed run computes bit-identical losses on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 from tqdm import tqdm
 
 from .. import tree
 from ..checkpoints.train_state import CheckpointDamaged, Checkpoints
-from ..config import Llama4Config, TextConfig
+from ..config import Llama4Config
 from ..data import conversations, corpus, packing, preferences
 from ..data.examples import CHAT_FILE, PREFERENCES_FILE
 from ..data.tokenizer import Tokenizer
 from ..infer import Model, load
 from ..infer.load import model_config
+from ..model.vision import ImageEncoder, init_vision_params
 from . import flops, lora_files, peft_files, run_folder
 from .settings import DistillSettings, TrainConfig
 from .step import Trainer
@@ -37,9 +40,11 @@ class TrainingError(RuntimeError):
     """Training stopped (non-finite loss, a tokenizer too large); the message says at which step and why."""
 
 
-def _data(tc: TrainConfig, tokenizer_dir: Path, progress: bool = False) -> tuple[Tokenizer, packing.PackedDataset]:
+def _data(tc: TrainConfig, tokenizer_dir: Path, progress: bool = False,
+          vision: conversations.Vision | None = None) -> tuple[Tokenizer, packing.PackedDataset]:
     """The run's tokenizer and packed rows: text documents (every token in the loss), JSONL conversations
-    (assistant turns only) or preference pairs (DPO); for the last two the counts used and dropped are printed."""
+    (assistant turns only) or preference pairs (DPO), these two with their images when the model has a vision
+    tower (``vision``); for them the counts used and dropped are printed."""
     tok = Tokenizer(tokenizer_dir)
     paths = []
     for p in tc.data:
@@ -53,8 +58,8 @@ def _data(tc: TrainConfig, tokenizer_dir: Path, progress: bool = False) -> tuple
     if tc.data_format in ("chat", "preference"):
         kind = conversations if tc.data_format == "chat" else preferences
         options = {"too_long": tc.too_long} if tc.data_format == "chat" else {}
-        ds, report = kind.pack(kind.read_jsonl(paths, tok), tc.seq_len, tc.batch_size, seed=tc.seed, pad_id=pad,
-                               **options)
+        ds, report = kind.pack(kind.read_jsonl(paths, tok, vision), tc.seq_len, tc.batch_size, seed=tc.seed,
+                               pad_id=pad, **options)
         if progress:
             print(f"{tc.data_format} data: {kind.describe(report, tc.seq_len + 1)}", flush=True)
         return tok, ds
@@ -79,17 +84,23 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
     out = run_folder.claim(out, resume=resume, inputs={"--init-from": tc.init_from, "--teacher": teacher_dir},
                            description=meta)
     tok_dir = _tokenizer_dir(tc)
-    tok, ds = _data(tc, tok_dir, progress)
+    vision = None if tc.data_format == "text" else conversations.Vision.for_model(config, tc.init_from or tok_dir)
+    tok, ds = _data(tc, tok_dir, progress, vision)
     if tok.vocab_size > config.text.vocab_size:
         raise TrainingError(f"tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model's vocab_size is "
                             f"{config.text.vocab_size}")
     teacher = None if teacher_dir is None else load(teacher_dir, mesh=mesh, vision=False)
     if teacher is not None and tc.distill is None:
         tc = tc.replace(distill=DistillSettings())
-    trainer = Trainer(config, tc, mesh, teacher)
+    if tc.init_from is not None:
+        _check_same_shapes(tc.init_from, model_config(tc.init_from), config, ds.has_images)
+    base = None if tc.init_from is None else load(tc.init_from, dtype=tc.param_dtype, mesh=mesh,
+                                                   vision=ds.has_images)
+    trainer = Trainer(config, tc, mesh, teacher, _vision_weights(config, tc, base) if ds.has_images else None)
     ckpts = Checkpoints(out / "checkpoints", save_every=tc.save_every, keep=tc.keep)
     try:
-        state, frozen = _start(trainer, ckpts, meta, resume)
+        state, frozen = _start(trainer, ckpts, meta, resume, None if base is None else base.params)
+        del base
         if progress:
             print(f"training {tree.count(trainer.state_shapes['params']):,} parameters on "
                   f"{'1 device' if mesh is None else dict(mesh.shape)}, {len(ds)} packed rows of "
@@ -104,16 +115,19 @@ def run(config: Llama4Config, tc: TrainConfig, out: str | Path, *, mesh=None, re
     return last
 
 
-def _start(trainer: Trainer, ckpts: Checkpoints, meta: dict, resume: bool) -> tuple[dict, dict]:
-    """The initial (state, frozen): from ``init_from`` or random, then the latest checkpoint when resuming."""
-    tc = trainer.tc
+def _vision_weights(config: Llama4Config, tc: TrainConfig, base: Model | None) -> dict:
+    """The (frozen) vision tower for image data: ``init_from``'s, or random from the seed without one."""
+    if base is not None:
+        return base.vision_params
+    encoder = ImageEncoder(config.vision, config.text.hidden_size, param_dtype=jax.numpy.dtype(tc.param_dtype))
+    return nn.meta.unbox(init_vision_params(encoder, jax.random.fold_in(jax.random.key(tc.seed), 2)))
+
+
+def _start(trainer: Trainer, ckpts: Checkpoints, meta: dict, resume: bool, base: dict | None) -> tuple[dict, dict]:
+    """The initial (state, frozen): from ``base`` (``init_from``'s weights) or random, then the latest checkpoint
+    when resuming."""
     start = ckpts.latest() if resume else None
-    if tc.init_from is not None:
-        _check_same_shapes(tc.init_from, model_config(tc.init_from).text, trainer.config.text)
-    base = None if tc.init_from is None else load(tc.init_from, dtype=tc.param_dtype, mesh=trainer.mesh,
-                                                   vision=False).params
     state, frozen = trainer.init_state(base)
-    del base
     if start is not None:
         state = _restore_newest_good(ckpts, trainer, meta)
     elif resume:
@@ -146,9 +160,11 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "tie_word_embeddings")
 
 
-def _check_same_shapes(source: str, theirs: TextConfig, ours: TextConfig) -> None:
-    diff = [f"{f} {getattr(theirs, f)} vs {getattr(ours, f)}" for f in SHAPE_FIELDS
-            if getattr(theirs, f) != getattr(ours, f)]
+def _check_same_shapes(source: str, theirs: Llama4Config, ours: Llama4Config, vision: bool = False) -> None:
+    diff = [f"{f} {getattr(theirs.text, f)} vs {getattr(ours.text, f)}" for f in SHAPE_FIELDS
+            if getattr(theirs.text, f) != getattr(ours.text, f)]
+    if vision and theirs.vision != ours.vision:
+        diff.append("vision_config")
     if diff:
         raise TrainingError(f"--init-from {source}: its weights have another shape than the config's ("
                             f"{'; '.join(diff)}: --init-from vs config)")
@@ -241,7 +257,9 @@ def export(trainer: Trainer, state: dict, frozen: dict, out: Path, tokenizer_dir
     (``run_folder`` has checked that nothing else is)."""
     target = out / "model"
     params = jax.jit(trainer.full_params)(state, frozen)
-    model = Model(trainer.config, params, dtype=trainer.tc.param_dtype)
+    # The vision tower goes out as it came in (frozen); a run without images writes the text model only.
+    config = trainer.config if trainer.vision is not None else dataclasses.replace(trainer.config, vision=None)
+    model = Model(config, params, dtype=trainer.tc.param_dtype, vision_params=trainer.vision)
     model.save(target, side_files_from=tokenizer_dir, overwrite=True)
     if hf:
         model.save_pretrained(out / "hf", side_files_from=tokenizer_dir, overwrite=True)

@@ -2,8 +2,11 @@
 
     state = {"step": [], "params": trainable tree, "opt": optax state}     (donated, sharded by the rules)
     frozen = base weights when LoRA trains adapters only; DPO's reference weights when it trains them all; else {}
+    fixed  = weights the step reads and never trains: {"teacher": the codistillation teacher's, "vision": the
+             vision tower's when the data have images}, each only when used
     batch  = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}: [A, b, T], A microbatches of b rows,
-             and for DPO "pairs" [A, b, P] (``data.preferences``)
+             for DPO "pairs" [A, b, P] (``data.preferences``), with images "pixels" [A, b, K, 3, S, S] (each row's
+             tiles in the order of its ``<|patch|>`` tokens; ``PackedDataset(docs_pixels=...)``)
 
 DPO's reference is the model at the start: under LoRA the frozen base itself (the model with its adapters off, so
 no second copy of the weights exists), otherwise a frozen copy of the starting weights.
@@ -25,6 +28,7 @@ from ..config import ConfigError, Llama4Config
 from ..model.axes import BATCH, LENGTH
 from ..model.decoder import Inputs, Llama4Text, abstract_params, init_params, stack_layers, unstack_layers
 from ..model.kernels import Kernels
+from ..model.vision import ImageEncoder, merge_image_features
 from ..parallel import batch_multiple, param_shardings, partitioning, platform, put
 from . import lora as lora_lib
 from .losses import (codistillation, cross_entropy, cross_entropy_by_blocks, dpo, dpo_pairs,
@@ -55,12 +59,17 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 class Trainer:
-    """Everything the step needs, specialised to one model, one training config and one mesh (or none)."""
+    """Everything the step needs, specialised to one model, one training config and one mesh (or none).
 
-    def __init__(self, config: Llama4Config, tc: TrainConfig, mesh=None, teacher=None):
+    ``teacher``: a loaded ``Model`` to codistil from. ``vision``: the vision tower's weights (``vision_model``,
+    ``projector``; frozen) when the batches carry images (``pixels``), which then enter as early fusion."""
+
+    def __init__(self, config: Llama4Config, tc: TrainConfig, mesh=None, teacher=None, vision=None):
         cfg = config.text
-        self.config, self.tc, self.mesh, self.teacher = config, tc, mesh, teacher
+        self.config, self.tc, self.mesh, self.teacher, self.vision = config, tc, mesh, teacher, vision
         _check_setup(config, tc, mesh, teacher)
+        if vision is not None and config.vision is None:
+            raise ConfigError("vision weights given, but the model config has no vision_config")
         self.aux = tc.load_balance > 0 or tc.z_loss > 0
         self.part = partitioning(cfg, mesh)
         kernels = Kernels.for_platform(platform(mesh), moe=tc.moe_impl, attention=tc.attention_impl,
@@ -73,19 +82,22 @@ class Trainer:
         self.lora = tc.lora
         self._layout_state()
         self.dpo = tc.dpo if tc.objective == "dpo" else None
-        self.batch_keys = BATCH_KEYS if self.dpo is None else DPO_KEYS
+        self.batch_keys = (BATCH_KEYS if self.dpo is None else DPO_KEYS) + (("pixels",) if vision else ())
         # The step divides every sum by this count: tokens in the loss, or preference pairs for DPO.
         self.count = "tokens" if self.dpo is None else "pairs"
         self.batch_sharding = None if mesh is None else self.part.sharding((None, BATCH, LENGTH))
         batch_sh = None if mesh is None else {
-            k: self.part.sharding((None, BATCH, None)) if k == "pairs" else self.batch_sharding
-            for k in self.batch_keys}
-        teacher_sh = None
+            k: self.part.sharding((None, BATCH) + (None,) * (4 if k == "pixels" else 1))
+            if k in ("pairs", "pixels") else self.batch_sharding for k in self.batch_keys}
+        fixed_sh = {}
         if teacher is not None and mesh is not None:
-            teacher_sh = param_shardings(teacher.config, teacher.part, teacher.dtype)
+            fixed_sh["teacher"] = param_shardings(teacher.config, teacher.part, teacher.dtype)
+        if vision is not None and mesh is not None:
+            every = param_shardings(config, self.part, jnp.dtype(tc.param_dtype))
+            fixed_sh["vision"] = {k: every[k] for k in vision}
         self._step = jax.jit(self._train_step, donate_argnums=(0,),
                              in_shardings=None if mesh is None else (
-                                 self.state_shardings, self.frozen_shardings, teacher_sh, batch_sh),
+                                 self.state_shardings, self.frozen_shardings, fixed_sh, batch_sh),
                              out_shardings=None if mesh is None else (self.state_shardings, None))
 
     def _layout_state(self) -> None:
@@ -166,16 +178,38 @@ class Trainer:
             out[k] = jnp.asarray(host) if self.mesh is None else put(host, self.batch_sharding)
         return out
 
+    @property
+    def fixed(self) -> dict:
+        """The step's weights that are read and never trained (see the module docstring)."""
+        out = {} if self.teacher is None else {"teacher": self.teacher.params}
+        return out if self.vision is None else {**out, "vision": self.vision}
+
     def step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step on a host batch; ``state`` is donated. Returns (state, metrics as device scalars)."""
-        teacher = None if self.teacher is None else self.teacher.params
-        return self._step(state, frozen, teacher, self.put_batch(batch))
+        return self._step(state, frozen, self.fixed, self.put_batch(batch))
 
-    def loss(self, trainable, frozen, teacher, mb) -> tuple[jax.Array, dict]:
-        """Summed loss of one microbatch [b, T] and its metric sums."""
+    def inputs(self, params, fixed, mb) -> Inputs:
+        """The decoder's inputs of a microbatch: with images, embeddings whose ``<|patch|>`` rows are the tiles'
+        features (each row's own tiles, in order)."""
+        embeds = None
+        if "pixels" in mb:
+            v, dtype = self.config.vision, jnp.dtype(self.tc.compute_dtype)
+            b, K = mb["pixels"].shape[:2]
+            encoder = ImageEncoder(v, self.config.text.hidden_size, dtype=dtype, param_dtype=dtype)
+            vision = jax.tree.map(lambda a: jax.lax.stop_gradient(a.astype(dtype)), fixed["vision"])
+            features = encoder.apply({"params": vision}, mb["pixels"].reshape(b * K, *mb["pixels"].shape[2:]))
+            features = features.reshape(b, K * v.tokens_per_tile, -1)
+            embeds = jnp.take(params["embed"], mb["inputs"], axis=0).astype(dtype)
+            merge = lambda e, ids, f: merge_image_features(e[None], ids[None], f, self.config.image_token_index)[0]  # noqa: E731
+            embeds = jax.vmap(merge)(embeds, mb["inputs"], features)
+        return Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"], embeds=embeds)
+
+    def loss(self, trainable, frozen, fixed, mb) -> tuple[jax.Array, dict]:
+        """Summed loss of one microbatch [b, T] and its metric sums; ``fixed`` as ``self.fixed`` (None: {})."""
         tc = self.tc
+        fixed = fixed or {}
         params = trainable if self.lora is None else lora_lib.merge(frozen, trainable, self.lora)
-        inputs = Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+        inputs = self.inputs(params, fixed, mb)
         out = self.module.apply({"params": params}, inputs, mutable=["aux"] if self.aux else False)
         (out, aux) = out if self.aux else (out, {})
         if self.dpo is not None:
@@ -189,7 +223,7 @@ class Trainer:
             total = ce
         else:
             ce, n = cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
-            t_logits = self.teacher.module.apply({"params": teacher}, inputs).logits
+            t_logits = self.teacher.module.apply({"params": fixed["teacher"]}, inputs).logits
             total, _, a = codistillation(out.logits, t_logits, mb["targets"], mb["loss_mask"],
                                          alpha=tc.distill.alpha, tau=tc.distill.tau)
             sums = {"ce": ce, "tokens": n, "alpha": a}
@@ -216,28 +250,28 @@ class Trainer:
         under the current weights; where ``batch["pairs"]`` is 0 the values mean nothing."""
         if self.dpo is None:
             raise ValueError("pair_terms: this trainer's objective is not dpo")
-        return self._pair_terms(state, frozen, self.put_batch(batch))
+        return self._pair_terms(state, frozen, self.fixed, self.put_batch(batch))
 
     @functools.cached_property
     def _pair_terms(self):
-        def terms(state, frozen, mb):
+        def terms(state, frozen, fixed, mb):
             params = state["params"] if self.lora is None else lora_lib.merge(frozen, state["params"], self.lora)
-            inputs = Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+            inputs = self.inputs(params, fixed, mb)
             out = self.module.apply({"params": params}, inputs)
             return dpo_pairs(*self._logprobs(out, frozen, inputs, mb["targets"]), mb["loss_mask"],
                              mb["segment_ids"], mb["pairs"].shape[-1], beta=self.dpo.beta,
                              sft_weight=self.dpo.sft_weight)
-        return jax.jit(jax.vmap(terms, in_axes=(None, None, 0)))
+        return jax.jit(jax.vmap(terms, in_axes=(None, None, None, 0)))
 
-    def _train_step(self, state, frozen, teacher, batch):
+    def _train_step(self, state, frozen, fixed, batch):
         grad_fn = jax.grad(self.loss, has_aux=True)
 
         def micro(acc, mb):
-            g, sums = grad_fn(state["params"], frozen, teacher, mb)
+            g, sums = grad_fn(state["params"], frozen, fixed, mb)
             return jax.tree.map(jnp.add, acc, (g, sums)), None
 
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), state["params"])
-        sums0 = jax.eval_shape(lambda: self.loss(state["params"], frozen, teacher,
+        sums0 = jax.eval_shape(lambda: self.loss(state["params"], frozen, fixed,
                                                  jax.tree.map(lambda a: a[0], batch))[1])
         acc0 = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0))
         if self.tc.grad_accum == 1:  # no loop around a single microbatch

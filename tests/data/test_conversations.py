@@ -10,10 +10,12 @@ import pytest
 
 import l4jax
 from l4jax.data import Tokenizer, corpus_dir
-from l4jax.data.conversations import ConversationError, pack, read_jsonl, render
+from l4jax.data.conversations import ConversationError, Vision, pack, read_jsonl, render
+from l4jax.data.images import PATCH, ImageProcessor, expand_images
 from l4jax.data.examples import CHAT_FILE, write_examples
 from l4jax.train import TrainConfig, Trainer
 from l4jax.train.lora import LoraConfig
+from tiny import make_tokenizer, save_images
 
 H = "<|header_start|>{}<|header_end|>\n\n"
 CALL = {"type": "function", "function": {"name": "now", "arguments": {"zone": "UTC"}}}
@@ -33,23 +35,30 @@ def by_hand(tok, pieces):
     return text, ids, np.array([flags[a] for a, _ in offsets], np.float32)
 
 
-def test_several_turns_system_and_images(tok):
+def test_several_turns_system_and_images(tok, tmp_path):
+    save_images(tmp_path)  # image1.png fits one 28-px tile: 4 patch tokens with tokens_per_tile=4
+    vision = Vision(ImageProcessor.from_folder(tmp_path, 28), tokens_per_tile=4, root=tmp_path)
     messages = [{"role": "system", "content": " Tell fables. "},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A fox?"}]},
+                {"role": "user", "content": [{"type": "image", "path": "image1.png"},
+                                             {"type": "text", "text": "A fox?"}]},
                 {"role": "assistant", "content": "A fox saw grapes."},
                 {"role": "user", "content": "And then?"},
                 {"role": "assistant", "content": [{"type": "text", "text": "She left them."}]}]
     text, ids, weights = by_hand(tok, [
         ("<|begin_of_text|>" + H.format("system") + "Tell fables.<|eot|>" + H.format("user")
-         + "<|image|>A fox?<|eot|>" + H.format("assistant"), False),
+         + "<|image_start|><|image|>" + "<|patch|>" * 4 + "<|image_end|>A fox?<|eot|>" + H.format("assistant"),
+         False),
         ("A fox saw grapes.<|eot|>", True),
         (H.format("user") + "And then?<|eot|>" + H.format("assistant"), False),
         ("She left them.<|eot|>", True)])
-    ex = render(tok, messages)
-    assert tok.chat_prompt(messages, add_generation_prompt=False) == text
-    assert ex.ids.tolist() == ids
+    ex = render(tok, messages, vision=vision)
+    assert tok.chat_prompt(messages, add_generation_prompt=False) == text.replace("<|patch|>" * 4, "").replace(
+        "<|image_start|><|image|><|image_end|>", "<|image|>")
+    assert ex.ids.tolist() == ids and ex.pixels.shape == (1, 3, 28, 28)
     np.testing.assert_array_equal(ex.weights, weights)
     assert tok.decode(ex.ids[ex.weights > 0]) == "A fox saw grapes.<|eot|>She left them.<|eot|>"
+    turns = [0, *ex.turns]  # each message's start, the image expansion counted
+    assert tok.decode(ex.ids[turns[2]:turns[3]]) == H.format("assistant") + "A fox saw grapes.<|eot|>"
 
 
 def test_tools_tool_calls_and_results(tok):
@@ -149,3 +158,43 @@ def test_the_shipped_chat_examples_are_made_from_the_corpus(tok, tmp_path):
     examples = read_jsonl([made], tok)
     seq_len = TrainConfig.from_yaml("tiny-sft").seq_len
     assert len(examples) == 373 and max(len(e.ids) for e in examples) <= seq_len + 1
+
+
+def test_images_become_their_tokens_out_of_the_loss(tmp_path):
+    """Image parts (paths relative to the JSONL file) expand to one <|patch|> run per tile as the processor does,
+    none in the loss; the tiles ride along; missing files and models without a vision tower name the line."""
+    make_tokenizer(tmp_path)
+    paths = save_images(tmp_path)
+    tok = Tokenizer(tmp_path)
+    vision = Vision(ImageProcessor.from_folder(tmp_path, 28), tokens_per_tile=4)
+    messages = [{"role": "user", "content": [{"type": "image", "path": "image0.png"},
+                                             {"type": "image", "image": "image1.png"},
+                                             {"type": "text", "text": "What are these?"}]},
+                {"role": "assistant", "content": "Stripes and noise."}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    [ex] = read_jsonl([tmp_path / "chat.jsonl"], tok, vision)
+    pixels, grids = vision.processor(paths[:2])
+    assert grids[0] != (1, 1) and grids[1] == (1, 1)  # several tiles and a thumbnail, then one tile
+    np.testing.assert_array_equal(ex.pixels, pixels)
+    text = tok.chat_prompt(messages, add_generation_prompt=False)
+    want = tok.encode(expand_images(text, grids, 4), add_bos=False)
+    assert ex.ids.tolist() == want
+    assert (ex.ids == tok.token_id(PATCH)).sum() == len(pixels) * 4  # one feature row per patch token
+    assert tok.decode(ex.ids[ex.weights > 0]) == "Stripes and noise.<|eot|>"
+    # Packed: each row's tiles in the order of its patch tokens; empty tile slots are zeros.
+    text_only = render(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    ds, _ = pack([ex, text_only, ex], seq_len=len(ex.ids), batch_size=3)
+    assert ds.has_images and ds.tiles_per_row == len(pixels)
+    b = ds.batch(0)
+    for row in range(3):
+        n = (b["inputs"][row] == tok.token_id(PATCH)).sum() // 4
+        assert not b["pixels"][row, n:].any()
+        np.testing.assert_array_equal(b["pixels"][row, :n], pixels[:n])
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image", "path": "nowhere.png"}]},
+        {"role": "assistant", "content": "?"}]}) + "\n")
+    with pytest.raises(ConversationError, match=r"bad.jsonl:2: .*nowhere.png"):
+        read_jsonl([tmp_path / "bad.jsonl"], tok, vision)
+    with pytest.raises(ConversationError, match=r"chat.jsonl:1: the conversation has images but the model has no "
+                                                r"vision tower"):
+        read_jsonl([tmp_path / "chat.jsonl"], tok)

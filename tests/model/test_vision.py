@@ -20,11 +20,8 @@ from l4jax.data.images import ImageProcessor, encode_with_images
 from l4jax import chat_prompt
 from l4jax.data.tokenizer import Tokenizer
 from l4jax.model.vision import (ImageEncoder, VisionModel, abstract_vision_params, merge_image_features, pixel_shuffle)
-from tiny import CONFIGS, make_tokenizer
+from tiny import CONFIGS, VISION, save_vlm
 
-VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-          "image_size": 28, "patch_size": 7, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 48,
-          "projector_output_dim": 48, "vision_output_dim": 48, "rope_theta": 10000}
 QUESTION = "What is in these pictures?"
 NEW = 10
 
@@ -37,36 +34,10 @@ def rel(ours, ref) -> float:
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     """A tiny random Llama4ForConditionalGeneration with a tokenizer, a preprocessor config (28-px tiles, at most 6)
-    and three images, saved in one folder; norms and biases randomised (HF inits them to 1/0)."""
-    from transformers import Llama4Config as HFConfig
-    from transformers import Llama4ForConditionalGeneration
+    and three images, saved in one folder (``tiny.save_vlm``)."""
     folder = tmp_path_factory.mktemp("vlm")
-    make_tokenizer(folder)
-    tok = Tokenizer(folder)
-    torch.manual_seed(0)
-    cfg = HFConfig(text_config=dict(CONFIGS["top2"], vocab_size=tok.vocab_size + (-tok.vocab_size % 8)),
-                   vision_config=VISION, image_token_index=tok.token_id("<|patch|>"),
-                   boi_token_index=tok.token_id("<|image_start|>"), eoi_token_index=tok.token_id("<|image_end|>"))
-    cfg._attn_implementation = "eager"
-    model = Llama4ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif n.endswith("bias") or n.startswith("vision_model.class") or "positional" in n:
-                p.copy_(0.3 * torch.randn_like(p))
-    model.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"height": 28, "width": 28}, "max_patches": 6, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
-    rng = np.random.default_rng(3)
-    y, x = np.mgrid[0:50, 0:90]  # wide: several tiles; then two that fit in one tile
-    images = [np.stack([x * 2, y * 5, (x + y) * 3], -1).astype(np.uint8),
-              rng.integers(0, 256, (20, 25, 3), dtype=np.uint8), rng.integers(0, 256, (17, 26, 3), dtype=np.uint8)]
-    paths = []
-    for i, im in enumerate(images):
-        paths.append(folder / f"image{i}.png")
-        Image.fromarray(im).save(paths[-1])
-    return model, folder, tok, paths
+    model, paths = save_vlm(folder)
+    return model, folder, Tokenizer(folder), paths
 
 
 @pytest.fixture(scope="module")

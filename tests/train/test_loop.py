@@ -29,7 +29,7 @@ from l4jax.train.loop import TrainingError, _check, run
 from l4jax.train.run_folder import RunFolderError
 from l4jax.train.settings import TrainConfig
 from l4jax.train.step import Trainer
-from tiny import damage_largest_file
+from tiny import damage_largest_file, save_vlm
 
 # Each run compiles a train step (~10-20 s on 2 cores), so most of these are marked slow (CI runs them).
 SMALL = dict(seq_len=32, batch_size=8, steps=6, warmup_steps=1, lr=1e-2, save_every=3, log_every=1)
@@ -298,3 +298,27 @@ def test_main_job_cli_trains_then_generates(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert len(gen.stdout.strip()) > 0
+
+
+@pytest.mark.slow
+def test_a_run_on_chat_with_images_resumes_and_exports_the_vision_tower(tmp_path):
+    """A VLM fine-tuned (LoRA) on conversations with images: resumes bit-exactly; the exported model keeps the
+    (frozen) vision tower and reads images."""
+    model_dir = tmp_path / "vlm"
+    model_dir.mkdir()
+    save_vlm(model_dir)
+    chats = [[{"role": "user", "content": [{"type": "image", "path": f"vlm/image{i % 3}.png"},
+                                           {"type": "text", "text": f"Picture {i}?"}]},
+              {"role": "assistant", "content": "A picture." if i % 2 else "Noise."}] for i in range(8)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    config = load_config(model_dir)
+    tc = TrainConfig(data=(str(tmp_path / "chat.jsonl"),), data_format="chat", init_from=str(model_dir),
+                     lora=LoraConfig(rank=4), **dict(SMALL, seq_len=128, batch_size=4, steps=4, save_every=2))
+    run(config, tc, tmp_path / "straight", progress=False)
+    run(config, tc, tmp_path / "resumed", progress=False, stop_after=2)
+    run(config, tc, tmp_path / "resumed", progress=False, resume=True)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and len(losses(tmp_path / "straight")) == 4
+    trained, base = l4jax.load(tmp_path / "straight" / "model"), l4jax.load(model_dir)
+    assert trained.vision_params is not None
+    for a, b in zip(jax.tree.leaves(trained.vision_params), jax.tree.leaves(base.vision_params)):
+        np.testing.assert_array_equal(a, b)  # the tower was frozen

@@ -22,7 +22,7 @@ from l4jax.model.decoder import unstack_layers
 from l4jax.model.moe import router_losses
 from l4jax.train.step import Trainer
 from l4jax.train.settings import TrainConfig
-from tiny import hf_model, save
+from tiny import hf_model, save, save_vlm
 
 # Most tests here compile a train step (20-70 s each on 2 cores) and are marked slow; CI runs them.
 T = 24  # crosses two chunk boundaries (chunk 8); floor_scale 4 makes temperature tuning active
@@ -217,3 +217,48 @@ def test_errors_name_the_field():
     with pytest.raises(ConfigError, match="seq_len: 8192 is longer than the model's max_position_embeddings 4096"):
         Trainer(config, tc.replace(seq_len=8192))
     assert json.dumps(tc.to_dict())  # the run description stored in checkpoints is plain JSON
+
+
+@pytest.mark.slow  # train-step compiles of a tiny VLM, single device and a mesh
+def test_a_chat_step_with_images_equals_the_multimodal_forward(tmp_path):
+    """Conversations with images packed into rows (each row its own tiles): the step's cross-entropy equals the mean
+    of -log p over the assistant tokens with each conversation run alone through the multimodal model (whose
+    logits equal transformers', tests/model/test_vision.py); the sharded step gives the same."""
+    save_vlm(tmp_path)
+    model = l4jax.load(tmp_path)
+    tok = data_lib.Tokenizer(tmp_path)
+    ask = lambda *images: [*({"type": "image", "path": f"image{i}.png"} for i in images),  # noqa: E731
+                           {"type": "text", "text": "What is this?"}]
+    chats = [[{"role": "user", "content": ask(0)}, {"role": "assistant", "content": "Stripes."}],
+             [{"role": "user", "content": ask(1, 2)}, {"role": "assistant", "content": "Noise, twice."},
+              {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}],
+             [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}],
+             [{"role": "user", "content": ask(2)}, {"role": "assistant", "content": "Noise."}]]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    vision = conversations.Vision.for_model(model.config, tmp_path)
+    examples = conversations.read_jsonl([tmp_path / "chat.jsonl"], tok, vision)
+    T = 2 * max(len(e.ids) for e in examples)
+    ds, report = conversations.pack(examples, seq_len=T, batch_size=2)
+    assert ds.has_images and report["used"] == 4
+    batch = ds.batch(0)
+    assert set(batch["segment_ids"].max(1)) == {2}  # two conversations a row
+    tc = TrainConfig(data=("chat.jsonl",), data_format="chat", seq_len=T, batch_size=2, warmup_steps=0)
+    trainer = Trainer(model.config, tc, vision=model.vision_params)
+    state, frozen = trainer.init_state(model.params)
+    _, metrics = trainer.step(state, frozen, batch)
+
+    total, count = 0.0, 0.0
+    for e in examples:
+        logits = np.asarray(model(e.ids[None], pixel_values=e.pixels)).astype(np.float64)[0, :-1]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        picked = logp[np.arange(len(e.ids) - 1), e.ids[1:]]
+        total -= float((picked * e.weights[1:]).sum())
+        count += float(e.weights[1:].sum())
+    assert float(metrics["tokens"]) == count
+    np.testing.assert_allclose(float(metrics["ce"]), total / count, rtol=2e-5)
+
+    sharded = Trainer(model.config, tc, l4jax.make_mesh(data=2, expert=2, tensor=2), vision=model.vision_params)
+    state, frozen = sharded.init_state(model.params)
+    _, m = sharded.step(state, frozen, batch)
+    np.testing.assert_allclose(float(m["ce"]), float(metrics["ce"]), rtol=1e-5)
