@@ -15,6 +15,7 @@ from l4jax.data.images import PATCH, ImageProcessor, expand_images
 from l4jax.data.examples import CHAT_FILE, write_examples
 from l4jax.train import TrainConfig, Trainer
 from l4jax.train.lora import LoraConfig
+from l4jax.train.settings import DistillSettings
 from tiny import make_tokenizer, save_images
 
 H = "<|header_start|>{}<|header_end|>\n\n"
@@ -148,6 +149,13 @@ def test_a_chat_training_step_counts_the_assistant_tokens_only(tok):
     assert 0 < count < (batch["segment_ids"] > 0).sum()  # the user turns and headers are not in the loss
     assert float(metrics["tokens"]) == count
     np.testing.assert_allclose(float(metrics["ce"]), total / count, rtol=2e-5)
+    # Codistillation on chat data: the same tokens; with the student as its own teacher the KL term is 0, so the
+    # loss is (1 - alpha) times the cross-entropy.
+    distil = Trainer(config, tc.replace(distill=DistillSettings(alpha=0.5)), teacher=base)
+    state, frozen = distil.init_state(jax.device_get(base.params))
+    _, m = distil.step(state, frozen, batch)
+    assert float(m["tokens"]) == count
+    np.testing.assert_allclose([float(m["ce"]), float(m["loss"])], [total / count, 0.5 * total / count], rtol=2e-5)
 
 
 def test_the_shipped_chat_examples_are_made_from_the_corpus(tok, tmp_path):

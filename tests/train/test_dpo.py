@@ -118,14 +118,17 @@ def torch_grads_in_l4jax_layout(model, folder, loss, tmp):
     return out
 
 
-@pytest.mark.slow  # a loss-and-gradient compile (~30 s on 2 cores)
-def test_loss_and_gradients_equal_torch_over_transformers(tmp_path):
+@pytest.mark.slow  # a loss-and-gradient compile (~30 s on 2 cores) each
+@pytest.mark.parametrize("moved", [False, True])
+def test_loss_and_gradients_equal_torch_over_transformers(tmp_path, moved):
+    """At step 0 (policy = reference: z = 0) and with a policy moved away from its reference (z from -0.6 to 1.5,
+    where the sigmoid matters)."""
     beta, sft_weight = 4.0, 0.3
     policy = hf_model("scout", seed=0)
     reference = hf_model("scout", seed=0)
-    with torch.no_grad():  # the policy has moved away from the reference: z from -0.6 to 1.5, the sigmoid matters
+    with torch.no_grad():
         torch.manual_seed(1)
-        for p in policy.parameters():
+        for p in policy.parameters() if moved else ():
             p.add_(0.2 * p.abs().mean() * torch.randn_like(p))
     pol_dir, ref_dir = save(policy, tmp_path / "policy"), save(reference, tmp_path / "reference")
     pairs = synthetic_pairs()
@@ -148,6 +151,9 @@ def test_loss_and_gradients_equal_torch_over_transformers(tmp_path):
     loss, grads = jax.value_and_grad(mean_loss)(state["params"])
     want_loss = float(want_loss.detach())
     assert abs(float(loss) - want_loss) < 1e-5 * want_loss, (float(loss), want_loss)
+    if not moved:  # log 2 for the DPO term of every pair, plus the weighted SFT term
+        terms = jax.device_get(trainer.pair_terms(state, frozen, ds.batch(0)))
+        np.testing.assert_allclose(terms["dpo"][ds.batch(0)["pairs"][None] > 0], math.log(2), atol=1e-6)
     flat_ref = dict(jax.tree_util.tree_flatten_with_path(want)[0])
     for path, g in jax.tree_util.tree_flatten_with_path(unstack_layers(grads, config.text))[0]:
         r = flat_ref[path]
