@@ -245,11 +245,11 @@ def pack(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int =
               "cut_inside_a_message": n_inside, "dropped_too_long": dropped,
               "tokens": sum(len(e.ids) for e in keep), "loss_tokens": int(sum(e.weights.sum() for e in keep))}
     ds = PackedDataset([e.ids for e in keep], seq_len, batch_size, seed, pad_id=pad_id,
-                       docs_weights=[e.weights for e in keep], docs_pixels=_pixels(keep))
+                       docs_weights=[e.weights for e in keep], docs_pixels=tiles_of(keep))
     return ds, report
 
 
-def _pixels(examples: Sequence[Example]) -> list[np.ndarray | None] | None:
+def tiles_of(examples: Sequence[Example]) -> list[np.ndarray | None] | None:
     """Each example's tiles for ``PackedDataset(docs_pixels=...)``; None when no example has an image."""
     return [e.pixels for e in examples] if any(e.pixels is not None for e in examples) else None
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .conversations import ConversationError, Example, Vision, _pixels, check_message, render
+from .conversations import ConversationError, Example, Vision, tiles_of, check_message, render
 from .packing import PackedDataset
 from .tokenizer import Tokenizer
 
@@ -100,7 +100,7 @@ class PairedDataset(PackedDataset):
     def __init__(self, pairs: Sequence[Pair], seq_len: int, batch_size: int, seed: int = 0, *, pad_id: int = 0):
         examples = [e for p in pairs for e in (p.chosen, p.rejected)]
         super().__init__([e.ids for e in examples], seq_len, batch_size, seed, pad_id=pad_id,
-                         docs_weights=[e.weights for e in examples], docs_pixels=_pixels(examples),
+                         docs_weights=[e.weights for e in examples], docs_pixels=tiles_of(examples),
                          groups=[[2 * i, 2 * i + 1] for i in range(len(pairs))])
         self.num_pairs = len(pairs)
         self._pairs = np.zeros(self._tokens.shape[0], np.int32)

@@ -86,7 +86,7 @@ class Trainer:
         # The step divides every sum by this count: tokens in the loss, or preference pairs for DPO.
         self.count = "tokens" if self.dpo is None else "pairs"
         self.batch_sharding = None if mesh is None else self.part.sharding((None, BATCH, LENGTH))
-        batch_sh = None if mesh is None else {
+        self.batch_shardings = None if mesh is None else {
             k: self.part.sharding((None, BATCH) + (None,) * (4 if k == "pixels" else 1))
             if k in ("pairs", "pixels") else self.batch_sharding for k in self.batch_keys}
         fixed_sh = {}
@@ -97,7 +97,7 @@ class Trainer:
             fixed_sh["vision"] = {k: every[k] for k in vision}
         self._step = jax.jit(self._train_step, donate_argnums=(0,),
                              in_shardings=None if mesh is None else (
-                                 self.state_shardings, self.frozen_shardings, fixed_sh, batch_sh),
+                                 self.state_shardings, self.frozen_shardings, fixed_sh, self.batch_shardings),
                              out_shardings=None if mesh is None else (self.state_shardings, None))
 
     def _layout_state(self) -> None:
@@ -175,7 +175,7 @@ class Trainer:
         out = {}
         for k in self.batch_keys:
             host = batch[k].reshape(A, -1, *batch[k].shape[1:])
-            out[k] = jnp.asarray(host) if self.mesh is None else put(host, self.batch_sharding)
+            out[k] = jnp.asarray(host) if self.mesh is None else put(host, self.batch_shardings[k])
         return out
 
     @property
@@ -188,20 +188,26 @@ class Trainer:
         """One optimizer step on a host batch; ``state`` is donated. Returns (state, metrics as device scalars)."""
         return self._step(state, frozen, self.fixed, self.put_batch(batch))
 
-    def inputs(self, params, fixed, mb) -> Inputs:
-        """The decoder's inputs of a microbatch: with images, embeddings whose ``<|patch|>`` rows are the tiles'
-        features (each row's own tiles, in order)."""
+    def image_features(self, fixed, mb) -> jax.Array | None:
+        """[b, K * tokens_per_tile, D] features of each row's tiles (``pixels`` [b, K, 3, S, S]), None without."""
+        if "pixels" not in mb:
+            return None
+        v, dtype = self.config.vision, jnp.dtype(self.tc.compute_dtype)
+        b, K = mb["pixels"].shape[:2]
+        encoder = ImageEncoder(v, self.config.text.hidden_size, dtype=dtype, param_dtype=dtype)
+        vision = jax.tree.map(lambda a: jax.lax.stop_gradient(a.astype(dtype)), fixed["vision"])
+        features = encoder.apply({"params": vision}, mb["pixels"].reshape(b * K, *mb["pixels"].shape[2:]))
+        return features.reshape(b, K * v.tokens_per_tile, -1)
+
+    def inputs(self, params, features, mb) -> Inputs:
+        """The decoder's inputs of a microbatch under ``params``: with image ``features``, embeddings whose
+        ``<|patch|>`` rows are the features (each row's own, in order), as inference fuses them."""
         embeds = None
-        if "pixels" in mb:
-            v, dtype = self.config.vision, jnp.dtype(self.tc.compute_dtype)
-            b, K = mb["pixels"].shape[:2]
-            encoder = ImageEncoder(v, self.config.text.hidden_size, dtype=dtype, param_dtype=dtype)
-            vision = jax.tree.map(lambda a: jax.lax.stop_gradient(a.astype(dtype)), fixed["vision"])
-            features = encoder.apply({"params": vision}, mb["pixels"].reshape(b * K, *mb["pixels"].shape[2:]))
-            features = features.reshape(b, K * v.tokens_per_tile, -1)
-            embeds = jnp.take(params["embed"], mb["inputs"], axis=0).astype(dtype)
-            merge = lambda e, ids, f: merge_image_features(e[None], ids[None], f, self.config.image_token_index)[0]  # noqa: E731
-            embeds = jax.vmap(merge)(embeds, mb["inputs"], features)
+        if features is not None:
+            embeds = jnp.take(params["embed"], mb["inputs"], axis=0).astype(features.dtype)
+            index = self.config.image_token_index
+            embeds = jax.vmap(lambda e, ids, f: merge_image_features(e[None], ids[None], f, index)[0])(
+                embeds, mb["inputs"], features)
         return Inputs(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"], embeds=embeds)
 
     def loss(self, trainable, frozen, fixed, mb) -> tuple[jax.Array, dict]:
@@ -209,11 +215,12 @@ class Trainer:
         tc = self.tc
         fixed = fixed or {}
         params = trainable if self.lora is None else lora_lib.merge(frozen, trainable, self.lora)
-        inputs = self.inputs(params, fixed, mb)
+        features = self.image_features(fixed, mb)
+        inputs = self.inputs(params, features, mb)
         out = self.module.apply({"params": params}, inputs, mutable=["aux"] if self.aux else False)
         (out, aux) = out if self.aux else (out, {})
         if self.dpo is not None:
-            sums = dpo(*self._logprobs(out, frozen, inputs, mb["targets"]), mb["loss_mask"], mb["segment_ids"],
+            sums = dpo(*self._logprobs(out, frozen, features, mb), mb["loss_mask"], mb["segment_ids"],
                        mb["pairs"], beta=self.dpo.beta, sft_weight=self.dpo.sft_weight)
             sums["tokens"] = jnp.sum(mb["loss_mask"].astype(jnp.float32))
             total = sums["loss"]
@@ -239,11 +246,13 @@ class Trainer:
         sums["loss"] = total
         return total, sums
 
-    def _logprobs(self, out, reference, inputs, targets) -> tuple[jax.Array, jax.Array]:
-        """log p(target) [b, T] under the policy (its forward ``out``) and under the frozen ``reference`` weights."""
-        ref = self.module.apply({"params": jax.lax.stop_gradient(reference)}, inputs)
-        return (token_logprobs_by_blocks(out.hidden, out.head, targets),
-                token_logprobs_by_blocks(ref.hidden, ref.head, targets))
+    def _logprobs(self, out, reference, features, mb) -> tuple[jax.Array, jax.Array]:
+        """log p(target) [b, T] under the policy (its forward ``out``) and under the frozen ``reference`` weights
+        (its own embeddings around the same image features)."""
+        reference = jax.lax.stop_gradient(reference)
+        ref = self.module.apply({"params": reference}, self.inputs(reference, features, mb))
+        return (token_logprobs_by_blocks(out.hidden, out.head, mb["targets"]),
+                token_logprobs_by_blocks(ref.hidden, ref.head, mb["targets"]))
 
     def pair_terms(self, state: dict, frozen: dict, batch: dict) -> dict:
         """DPO only: each pair's terms (``losses.dpo_pairs``: margin, rewards, loss...) [A, b, P] of a host batch
@@ -256,9 +265,9 @@ class Trainer:
     def _pair_terms(self):
         def terms(state, frozen, fixed, mb):
             params = state["params"] if self.lora is None else lora_lib.merge(frozen, state["params"], self.lora)
-            inputs = self.inputs(params, fixed, mb)
-            out = self.module.apply({"params": params}, inputs)
-            return dpo_pairs(*self._logprobs(out, frozen, inputs, mb["targets"]), mb["loss_mask"],
+            features = self.image_features(fixed, mb)
+            out = self.module.apply({"params": params}, self.inputs(params, features, mb))
+            return dpo_pairs(*self._logprobs(out, frozen, features, mb), mb["loss_mask"],
                              mb["segment_ids"], mb["pairs"].shape[-1], beta=self.dpo.beta,
                              sft_weight=self.dpo.sft_weight)
         return jax.jit(jax.vmap(terms, in_axes=(None, None, None, 0)))

@@ -2,6 +2,7 @@
 of the formula over transformers' logits (policy and reference different models, packed pairs, the SFT term); at
 step 0 the loss is log 2 for every pair; under LoRA the reference is the model with its adapters off, held once."""
 
+import json
 import math
 import shutil
 
@@ -17,7 +18,7 @@ from l4jax import tree
 from l4jax.checkpoints import hf_import
 from l4jax.config import ConfigError, load_config
 from l4jax.data import corpus_dir
-from l4jax.data.conversations import Example
+from l4jax.data.conversations import Example, Vision
 from l4jax.data.preferences import Pair, PairedDataset, pack, read_jsonl
 from l4jax.data.tokenizer import Tokenizer
 from l4jax.model.decoder import stack_layers, unstack_layers
@@ -25,7 +26,7 @@ from l4jax.train import TrainConfig, Trainer
 from l4jax.train.losses import dpo
 from l4jax.train.lora import LoraConfig
 from l4jax.train.settings import DistillSettings, DpoSettings
-from tiny import hf_model, save
+from tiny import hf_model, save, save_vlm
 
 DPO = dict(data=("pairs.jsonl",), data_format="preference", objective="dpo")
 
@@ -204,3 +205,38 @@ def test_step_zero_is_log_2_and_lora_holds_the_base_once():
     want = jax.jit(full.loss)(stack_layers(merged, config.text), full_frozen, None, mb)[1]
     for k in ("loss", "margin", "reward_chosen", "reward_rejected"):
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow  # a tiny VLM's DPO step
+def test_pairs_with_images_start_at_log_2_and_move(tmp_path):
+    """Preference pairs whose prompt holds images (tiles carried by both sequences of a pair): log 2 per pair at
+    step 0; after full-weight updates (the embeddings move) the reference is still the starting model."""
+    save_vlm(tmp_path)
+    model = l4jax.load(tmp_path)
+    tok = Tokenizer(tmp_path)
+    records = [{"prompt": [{"role": "user", "content": [{"type": "image", "path": f"image{i % 3}.png"},
+                                                        {"type": "text", "text": "What is it?"}]}],
+                "chosen": "Stripes." if i % 3 == 0 else "Noise.", "rejected": "A cat."} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    vision = Vision.for_model(model.config, tmp_path)
+    pairs = read_jsonl([tmp_path / "pairs.jsonl"], tok, vision)
+    T = max(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs)
+    ds, _ = pack(pairs, seq_len=T, batch_size=4)
+    batch = ds.batch(0)
+    assert ds.has_images and batch["pixels"].shape[1] == ds.tiles_per_row
+    tc = TrainConfig(**DPO, seq_len=T, batch_size=4, lr=1e-2, warmup_steps=0, steps=3)
+    trainer = Trainer(model.config, tc, vision=model.vision_params)
+    state, frozen = trainer.init_state(model.params)
+    held = batch["pairs"][None] > 0
+    np.testing.assert_allclose(jax.device_get(trainer.pair_terms(state, frozen, batch))["dpo"][held], math.log(2),
+                               atol=1e-6)
+    for _ in range(3):
+        state, m = trainer.step(state, frozen, batch)
+    terms = jax.device_get(trainer.pair_terms(state, frozen, batch))
+    # The frozen reference is untouched by the donated steps: a fresh copy of the starting weights gives the same
+    # margins.
+    full = Trainer(model.config, tc, vision=model.vision_params)
+    _, start = full.init_state(model.params)
+    np.testing.assert_allclose(terms["margin"], jax.device_get(full.pair_terms(state, start, batch))["margin"],
+                               rtol=1e-5, atol=1e-6)
+    assert float(m["loss"]) < math.log(2) + 1e-3 and (terms["dpo"][held] < math.log(2)).all()
