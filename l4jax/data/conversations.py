@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .chat import ChatTemplateError
-from .images import ImageError, ImageProcessor, image_tokens, message_images
+from .images import PATCH, ImageError, ImageProcessor, image_tokens, message_images
 from .packing import PackedDataset
 from .tokenizer import IMAGE, Tokenizer
 
@@ -142,7 +142,15 @@ def render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], tools=No
         sources = message_images(messages)
     except ValueError as e:
         raise ConversationError(f"{where}: {e}") from None
-    return _with_images(tokenizer, example, sources, vision) if sources else example
+    example = _with_images(tokenizer, example, sources, vision) if sources else example
+    if vision is not None:
+        # Patch tokens come only from image parts: one typed into a message would take an image feature that is
+        # not there (or another image's).
+        expected = 0 if example.pixels is None else len(example.pixels) * vision.tokens_per_tile
+        if int((example.ids == tokenizer.token_id(PATCH)).sum()) != expected:
+            raise ConversationError(f"{where}: {PATCH} typed into a message: image tokens come only from image "
+                                    "parts")
+    return example
 
 
 def _with_images(tokenizer: Tokenizer, ex: Example, sources: list, vision: Vision | None) -> Example:

@@ -206,3 +206,7 @@ def test_images_become_their_tokens_out_of_the_loss(tmp_path):
     with pytest.raises(ConversationError, match=r"chat.jsonl:1: the conversation has images but the model has no "
                                                 r"vision tower"):
         read_jsonl([tmp_path / "chat.jsonl"], tok)
+    typed = [{"role": "user", "content": "Look: <|patch|>"}, {"role": "assistant", "content": "At what?"}]
+    (tmp_path / "typed.jsonl").write_text(json.dumps({"messages": typed}) + "\n")
+    with pytest.raises(ConversationError, match=r"typed.jsonl:1: <\|patch\|> typed into a message"):
+        read_jsonl([tmp_path / "typed.jsonl"], tok, vision)
