@@ -194,7 +194,7 @@ def _plan(args) -> int:
     target = parse_target(args.target)
     req = Request(args.task, batch=args.batch, seq=args.seq, cache=args.cache,
                   mesh=parse_mesh(args.mesh) if args.mesh else {}, dtype=args.dtype, remat=args.remat,
-                  moe_impl=args.moe_impl, kv_int8=args.kv_int8)
+                  moe_impl=args.moe_impl, kv_int8=args.kv_int8, objective=args.objective)
     result, planned = plan(load_config(args.model), target, req)
     print(to_json(result, target, args.model, planned) if args.json else to_text(result, target, args.model, planned))
     if args.dump_hlo:
@@ -308,6 +308,8 @@ def _add_plan(sub) -> None:
     pl.add_argument("--remat", default="none", help="training: none, full, dots, dots_no_batch")
     pl.add_argument("--moe-impl", default="auto", choices=("auto",) + IMPLS)
     pl.add_argument("--kv-int8", action="store_true", help="prefill and decode: an int8 KV cache")
+    pl.add_argument("--objective", default="lm", choices=("lm", "dpo"),
+                    help="train: next-token (lm) or DPO (a frozen reference copy of the weights and its forward)")
     pl.add_argument("--json", action="store_true", help="one JSON object (fields: l4jax/plan/planner.py)")
     pl.add_argument("--dump-hlo", default=None, metavar="FILE", help="write the optimized program's text here")
     pl.set_defaults(run=_plan)

@@ -78,11 +78,13 @@ class Costs:
 
 
 def train_costs(cfg: TextConfig, *, batch: int, seq: int, param_bytes: int, compute_bytes: int,
-                devices: int) -> Costs:
+                devices: int, reference: bool = False) -> Costs:
     """Forward and backward over batch x seq tokens; AdamW reads and writes every parameter and both moments
-    (kept in the parameter dtype), and the step reads the weights in the compute dtype twice (forward, backward)."""
+    (kept in the parameter dtype), and the step reads the weights in the compute dtype twice (forward, backward).
+    ``reference`` (DPO): one more forward, of a frozen copy of the weights, read once."""
     n = weights(cfg).total
-    return Costs(train_flops_per_token(cfg, seq) * batch * seq, n * (6 * param_bytes + 2 * compute_bytes), devices)
+    flops = train_flops_per_token(cfg, seq) + (forward_flops_per_token(cfg, seq) if reference else 0)
+    return Costs(flops * batch * seq, n * (6 * param_bytes + (3 if reference else 2) * compute_bytes), devices)
 
 
 def prefill_costs(cfg: TextConfig, *, batch: int, seq: int, cache: int, itemsize: int, devices: int,

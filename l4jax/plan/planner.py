@@ -42,6 +42,7 @@ class Request:
     remat: str = "none"
     moe_impl: str = "auto"
     kv_int8: bool = False  # prefill and decode: an int8 KV cache
+    objective: str = "lm"  # train: "lm" or "dpo" (a frozen reference copy of the weights, its forward in the step)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -52,6 +53,8 @@ class Request:
                 raise PlanError(f"--{name}: must be a positive integer, got {v!r}")
         if self.kv_int8 and self.task == "train":
             raise PlanError("--kv-int8: an inference cache setting (tasks prefill and decode), not for train")
+        if self.objective not in ("lm", "dpo") or (self.objective == "dpo" and self.task != "train"):
+            raise PlanError(f"--objective {self.objective!r}: lm or dpo, and dpo with --task train only")
         object.__setattr__(self, "dtype", dtype_name(self.dtype, "--dtype", ("float32", "bfloat16")))
 
 
@@ -65,11 +68,13 @@ def plan(config: Llama4Config, target: Target, req: Request) -> tuple[Plan, dict
     cfg, itemsize = config.text, jnp.dtype(req.dtype).itemsize
     cache, kv_dtype = req.cache or req.seq, jnp.int8 if req.kv_int8 else None
     if req.task == "train":
+        dpo = req.objective == "dpo"
+        data = dict(data=("pairs.jsonl",), data_format="preference", objective="dpo") if dpo else {}
         tc = TrainConfig(seq_len=req.seq, batch_size=req.batch, compute_dtype=req.dtype, remat=req.remat,
-                         moe_impl=req.moe_impl)
+                         moe_impl=req.moe_impl, **data)
         program = train_program(config, tc, mesh)
         cost = costs_lib.train_costs(cfg, batch=req.batch, seq=req.seq, param_bytes=4, compute_bytes=itemsize,
-                                     devices=target.devices)
+                                     devices=target.devices, reference=dpo)
     elif req.task == "prefill":
         program = prefill_program(config, mesh, batch=req.batch, seq=req.seq, cache=cache, dtype=req.dtype,
                                   moe_impl=req.moe_impl, kv_dtype=kv_dtype)
@@ -83,7 +88,7 @@ def plan(config: Llama4Config, target: Target, req: Request) -> tuple[Plan, dict
     shapes = {"batch": req.batch, "seq": req.seq if req.task != "decode" else 1, "cache": None if req.task == "train"
               else cache, "dtype": req.dtype, "remat": req.remat if req.task == "train" else None,
               "moe_impl": req.moe_impl, "kv_dtype": None if req.task == "train" else "int8" if req.kv_int8
-              else req.dtype}
+              else req.dtype, "objective": req.objective if req.task == "train" else None}
     return compile_plan(program, target, cost), {"task": req.task, "mesh": dict(mesh.shape), "shapes": shapes,
                                                  "held_per_device": held_bytes(program)}
 

@@ -44,14 +44,21 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
+PAIRS_PER_ROW = 2  # DPO: the preference pairs a planned row holds (``pairs`` [A, b, P])
+
+
 def train_program(config: Llama4Config, tc: TrainConfig, mesh) -> Program:
-    """``Trainer``'s jitted step on [grad_accum, microbatch, seq_len] batches."""
+    """``Trainer``'s jitted step on [grad_accum, microbatch, seq_len] batches (DPO's with its ``pairs``)."""
     _check_batch(tc.microbatch, mesh)
     trainer = Trainer(config, tc, mesh)
-    frozen = {} if trainer.lora is None else _abstract(trainer.param_shapes, trainer.frozen_shardings)
+    # LoRA's base, or DPO's reference: the full weights, frozen
+    frozen = _abstract(trainer.param_shapes, trainer.frozen_shardings) if trainer.frozen_shardings else {}
     shape = (tc.grad_accum, tc.microbatch, tc.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+    if "pairs" in trainer.batch_keys:
+        batch["pairs"] = jax.ShapeDtypeStruct(shape[:2] + (PAIRS_PER_ROW,), jnp.float32,
+                                              sharding=None if mesh is None else trainer.batch_shardings["pairs"])
     state = trainer.abstract_state()
     held = {"weights": (state["params"], frozen), "optimizer state": {k: v for k, v in state.items() if k != "params"}}
     return Program(trainer._step, (state, frozen, {}, batch), held=held)  # fixed: no teacher, no images

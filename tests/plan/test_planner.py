@@ -90,3 +90,21 @@ def test_out_of_memory_messages_become_figures():
                                   "temporaries (16.02G) exceeds available HBM (15.75G).") == (
         "temporaries", int(16.02 * 2**30))
     assert report._out_of_memory("INTERNAL: something else") is None
+
+
+@pytest.mark.slow  # two train-step compiles
+def test_a_dpo_plan_holds_the_reference_and_counts_its_forward():
+    """DPO without LoRA holds a frozen copy of the weights beside the trained ones (twice the weight bytes of the
+    next-token step), and its FLOPs are the train step's plus one forward."""
+    from l4jax.train.flops import forward_flops_per_token
+    config, target = l4jax.load_config("tiny"), parse_target("cpu")
+    runs = {obj: plan(config, target, Request("train", batch=8, seq=64, mesh={"fsdp": 8}, objective=obj))
+            for obj in ("lm", "dpo")}
+    (lm, lm_planned), (dpo, dpo_planned) = runs["lm"], runs["dpo"]
+    n = weights(config.text).total
+    assert 4 * n / 8 <= lm_planned["held_per_device"]["weights"] < 4 * n  # fp32 masters, mostly split over fsdp
+    assert dpo_planned["held_per_device"]["weights"] == 2 * lm_planned["held_per_device"]["weights"]
+    assert dpo.costs.flops == lm.costs.flops + forward_flops_per_token(config.text, 64) * 8 * 64
+    assert dpo.program["conditional"] == 0 and dpo_planned["shapes"]["objective"] == "dpo"
+    with pytest.raises(PlanError, match="--objective 'dpo': lm or dpo, and dpo with --task train only"):
+        Request("decode", objective="dpo")
