@@ -26,8 +26,8 @@ def bench():
     return l4jax.load_config("bench")
 
 
-H100 = [("train", dict(batch=4, seq=2048)), ("decode", dict(batch=1, cache=4096)),
-        ("decode", dict(batch=32, cache=4096))]
+H100 = [("train", dict(batch=4, seq=2048)), ("train", dict(batch=4, seq=2048, objective="dpo")),
+        ("decode", dict(batch=1, cache=4096)), ("decode", dict(batch=32, cache=4096))]
 V5E = [("train", dict(batch=4, seq=2048, remat="full", mesh={"fsdp": 4})),
        ("decode", dict(batch=1, cache=4096, mesh={"tensor": 4})),
        ("decode", dict(batch=32, cache=4096, mesh={"tensor": 4}))]
@@ -42,7 +42,7 @@ def weights_and_cache(cfg, batch: int, cache: int, kv_int8: bool = False) -> int
     return weights(cfg).read(experts) * 2 + kv
 
 
-@pytest.mark.parametrize("task,kw", H100, ids=[f"{t}-{kw['batch']}" for t, kw in H100])
+@pytest.mark.parametrize("task,kw", H100, ids=[f"{t}-{kw.get('objective', '')}{kw['batch']}" for t, kw in H100])
 def test_bench_on_one_h100(bench, task, kw):
     pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
     result, planned = plan(bench, parse_target("h100"), Request(task, **kw))
