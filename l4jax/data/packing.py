@@ -273,7 +273,8 @@ class PackedDataset:
         Returns numpy arrays [B, T] with B = batch_size, T = seq_len: ``inputs`` and ``targets`` int32 (targets =
         the row shifted left by one), ``segment_ids`` int32 (1, 2, ... per document piece in the row, 0 on
         padding), ``positions`` int32 (index within the piece, 0 on padding), ``loss_mask`` float32 (1 where the
-        target is the next token of the same piece; 0 on padding and where the target starts another piece).
+        target is the next token of the same piece; 0 on padding and where the target starts another piece); with
+        ``docs_pixels``, ``pixels`` float32 [B, K, 3, S, S] (each row's tiles in the order of its image tokens).
         """
         rows = self.row_indices(step)
         tokens, segments = self._tokens[rows], self._segments[rows]
