@@ -7,6 +7,7 @@ sequences of ~20 tokens cross chunk boundaries and temperature tuning is active.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,25 @@ def save_vlm(folder: Path):
                 p.copy_(0.3 * torch.randn_like(p))
     model.save_pretrained(str(folder))
     return model, save_images(folder)
+
+
+def grads_in_l4jax_layout(model, folder, loss, tmp: Path) -> dict:
+    """The gradients of a torch ``loss`` of the HF ``model`` saved in ``folder``, mapped to l4jax names by the
+    checkpoint converter itself (written to ``tmp`` as a checkpoint and read back)."""
+    from safetensors.torch import save_file
+
+    from l4jax import tree
+    from l4jax.checkpoints import hf_import
+    from l4jax.config import load_config
+    model.zero_grad()
+    loss.backward()
+    save_file({n: p.grad.detach().clone().contiguous() for n, p in model.named_parameters()},
+              str(tmp / "model.safetensors"))
+    shutil.copy(f"{folder}/config.json", tmp / "config.json")
+    out: dict = {}
+    for path, arr in hf_import.stream(tmp, load_config(folder)):
+        tree.put(out, path, arr)
+    return out
 
 
 def damage_largest_file(folder: Path) -> Path:

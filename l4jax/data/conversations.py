@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,10 @@ class Vision:
         processor = ImageProcessor.from_folder(folder, tile) if folder else ImageProcessor(tile=tile)
         return cls(processor, config.vision.tokens_per_tile)
 
+    def reading(self, jsonl: Path) -> "Vision":
+        """This, with relative image paths read from the folder of the data file ``jsonl``."""
+        return dataclasses.replace(self, root=jsonl.parent)
+
 
 def check_message(m: Any, where: str) -> None:
     """A message has a known role, and an assistant message says something; ``where`` names it in the error."""
@@ -114,12 +118,13 @@ def assistant_spans(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     try:
         text = tokenizer.chat_prompt(messages, add_generation_prompt=False, tools=tools)
         spans, starts = [], [len(prefix(i, False)) for i in range(1, len(messages))]
+        ends = starts + [len(text)]  # message i ends where message i + 1 starts
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < from_message:
                 continue
             if i == 0:
                 raise ConversationError(f"{where}: message 0: an assistant turn cannot open the conversation")
-            spans.append((len(prefix(i, True)), len(prefix(i + 1, False))))
+            spans.append((len(prefix(i, True)), ends[i]))
     except ChatTemplateError as e:
         raise ConversationError(f"{where}: {e}") from None
     return text, spans, starts
@@ -186,23 +191,29 @@ def _with_images(tokenizer: Tokenizer, ex: Example, sources: list, vision: Visio
                    pixels)
 
 
-def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer, vision: Vision | None = None) -> list[Example]:
-    """Every conversation of the JSONL files, rendered (images with ``vision``, relative paths from each file's
-    folder); a bad line is an error naming the file and line."""
-    out = []
+def jsonl_records(paths: Sequence[str | Path]) -> Iterator[tuple[Path, str, Any]]:
+    """(file, "file:line", parsed object) of every non-blank line of the JSONL files; broken JSON is an error
+    naming the file and line."""
     for path in map(Path, paths):
-        at = None if vision is None else dataclasses.replace(vision, root=path.parent)
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
             try:
-                record = json.loads(line)
+                yield path, where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConversationError(f"{where}: not JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(record, Mapping) or "messages" not in record:
-                raise ConversationError(f"{where}: expected an object with a 'messages' list")
-            out.append(render(tokenizer, record["messages"], record.get("tools"), where, vision=at))
+
+
+def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer, vision: Vision | None = None) -> list[Example]:
+    """Every conversation of the JSONL files, rendered (images with ``vision``, relative paths from each file's
+    folder); a bad line is an error naming the file and line."""
+    out = []
+    for path, where, record in jsonl_records(paths):
+        if not isinstance(record, Mapping) or "messages" not in record:
+            raise ConversationError(f"{where}: expected an object with a 'messages' list")
+        out.append(render(tokenizer, record["messages"], record.get("tools"), where,
+                          vision=vision and vision.reading(path)))
     return out
 
 

@@ -40,8 +40,7 @@ def chat_examples(documents: list[str]) -> list[dict]:
     """One conversation ({"messages": [...]}) per document: a title line, a blank line, then the text."""
     out = []
     for k, doc in enumerate(documents):
-        head, _, body = doc.partition("\n\n")
-        title, sentences = _title(head.strip()), [s for s in _SENTENCE.split(" ".join(body.split())) if s]
+        title, sentences, line = _parts(doc)
         if k % 3 == 0:
             messages = [{"role": "user", "content": f"Tell me the story of {title}."},
                         {"role": "assistant", "content": _short(" ".join(sentences[:2]))}]
@@ -52,9 +51,8 @@ def chat_examples(documents: list[str]) -> list[dict]:
                         {"role": "user", "content": "And how does it end?"},
                         {"role": "assistant", "content": _short(sentences[-1], 140)}]
         else:
-            line = body.strip().splitlines()[0] if body.strip() else title
             messages = [{"role": "user", "content": f'What is the first line of "{title}"?'},
-                        {"role": "assistant", "content": _short(line)}]
+                        {"role": "assistant", "content": _short(line or title)}]
         out.append({"messages": messages})
     return out
 

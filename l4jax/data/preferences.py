@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .conversations import ConversationError, Example, Vision, tiles_of, check_message, render
+from .conversations import (ConversationError, Example, Vision, check_message, jsonl_records, render,
+                            tiles_of)
 from .packing import PackedDataset
 from .tokenizer import Tokenizer
 
@@ -79,19 +80,8 @@ def render_pair(tokenizer: Tokenizer, record: Any, where: str = "pair", vision: 
 def read_jsonl(paths: Sequence[str | Path], tokenizer: Tokenizer, vision: Vision | None = None) -> list[Pair]:
     """Every pair of the JSONL files, rendered (images with ``vision``, relative paths from each file's folder); a
     bad line is an error naming the file and line."""
-    out = []
-    for path in map(Path, paths):
-        at = None if vision is None else dataclasses.replace(vision, root=path.parent)
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConversationError(f"{where}: not JSON ({e.msg}, column {e.colno})") from None
-            out.append(render_pair(tokenizer, record, where, at))
-    return out
+    return [render_pair(tokenizer, record, where, vision and vision.reading(path))
+            for path, where, record in jsonl_records(paths)]
 
 
 class PairedDataset(PackedDataset):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import ConfigError, config_path, dtype_name, read_document, reject_unknown
+from ..data.conversations import TOO_LONG
 from ..model.decoder import REMAT_POLICIES
 from ..model.kernels import QUERY_BLOCK, Kernels
 from .lora import LoraConfig, LoraError
@@ -18,7 +19,6 @@ from .lora import LoraConfig, LoraError
 
 DATA_FORMATS = ("text", "chat", "preference")
 OBJECTIVES = ("lm", "dpo")
-TOO_LONG = ("drop", "split")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,18 +4,14 @@ step 0 the loss is log 2 for every pair; under LoRA the reference is the model w
 
 import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import l4jax
-from l4jax import tree
-from l4jax.checkpoints import hf_import
 from l4jax.config import ConfigError, load_config
 from l4jax.data import corpus_dir
 from l4jax.data.conversations import Example, Vision
@@ -26,7 +22,7 @@ from l4jax.train import TrainConfig, Trainer
 from l4jax.train.losses import dpo
 from l4jax.train.lora import LoraConfig
 from l4jax.train.settings import DistillSettings, DpoSettings
-from tiny import hf_model, save, save_vlm
+from tiny import grads_in_l4jax_layout, hf_model, save, save_vlm
 
 DPO = dict(data=("pairs.jsonl",), data_format="preference", objective="dpo")
 
@@ -107,18 +103,6 @@ def torch_dpo(policy, reference, pairs, beta, sft_weight):
     return total / len(pairs)
 
 
-def torch_grads_in_l4jax_layout(model, folder, loss, tmp):
-    model.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.detach().clone().contiguous() for n, p in model.named_parameters()}
-    save_file(grads, str(tmp / "model.safetensors"))
-    shutil.copy(f"{folder}/config.json", tmp / "config.json")
-    out: dict = {}
-    for path, arr in hf_import.stream(tmp, load_config(folder)):
-        tree.put(out, path, arr)
-    return out
-
-
 @pytest.mark.slow  # a loss-and-gradient compile (~30 s on 2 cores) each
 @pytest.mark.parametrize("moved", [False, True])
 def test_loss_and_gradients_equal_torch_over_transformers(tmp_path, moved):
@@ -138,7 +122,7 @@ def test_loss_and_gradients_equal_torch_over_transformers(tmp_path, moved):
 
     want_loss = torch_dpo(policy, reference, pairs, beta, sft_weight)
     (tmp_path / "g").mkdir()
-    want = torch_grads_in_l4jax_layout(policy, pol_dir, want_loss, tmp_path / "g")
+    want = grads_in_l4jax_layout(policy, pol_dir, want_loss, tmp_path / "g")
 
     config = load_config(pol_dir)
     trainer = Trainer(config, TrainConfig(**DPO, seq_len=49, batch_size=2, dpo=DpoSettings(beta, sft_weight)))

@@ -2,27 +2,23 @@
 accumulation and scan/remat change nothing, router terms reach the router, codistillation's limits, errors."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import l4jax
-from l4jax import tree
 from l4jax import data as data_lib
 from l4jax.config import ConfigError, load_config
 from l4jax.data import conversations, preferences
-from l4jax.checkpoints import hf_import
 from l4jax.train.losses import codistillation, cross_entropy
 from l4jax.model.decoder import unstack_layers
 from l4jax.model.moe import router_losses
 from l4jax.train.step import Trainer
 from l4jax.train.settings import TrainConfig
-from tiny import hf_model, save, save_vlm
+from tiny import grads_in_l4jax_layout, hf_model, save, save_vlm
 
 # Most tests here compile a train step (20-70 s each on 2 cores) and are marked slow; CI runs them.
 T = 24  # crosses two chunk boundaries (chunk 8); floor_scale 4 makes temperature tuning active
@@ -47,16 +43,8 @@ def scout(tmp_path_factory):
 
 def hf_grads_in_l4jax_layout(model, folder, ids, tmp) -> tuple[float, dict]:
     """transformers' loss and gradients, mapped to l4jax names by the checkpoint converter itself."""
-    model.zero_grad()
     out = model(torch.tensor(ids), labels=torch.tensor(ids))
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone().contiguous() for n, p in model.named_parameters()}
-    save_file(grads, str(tmp / "model.safetensors"))
-    shutil.copy(f"{folder}/config.json", tmp / "config.json")
-    grads: dict = {}
-    for path, arr in hf_import.stream(tmp, load_config(folder)):
-        tree.put(grads, path, arr)
-    return float(out.loss.detach()), grads
+    return float(out.loss.detach()), grads_in_l4jax_layout(model, folder, out.loss, tmp)
 
 
 @pytest.mark.parametrize("scan,remat,query_block,attention", [
