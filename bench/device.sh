@@ -2,12 +2,15 @@
 # Every GPU bench and check in one call of a lent GPU machine, most wanted first, each under its own time limit and
 # all under one deadline, so that a stage that hangs or fails costs only itself. Logs and JSON go under $OUT.
 #
-#   bash bench/device.sh [SECONDS]      # default 450: the deadline for the whole script
+#   bash bench/device.sh [SECONDS [STAGE...]]   # default 450 s, every stage: train train_hf decode kernels
+#                                                #   prefill gpu_check
 #
 # The machine has jax with CUDA, torch and transformers; l4jax runs from this checkout (PYTHONPATH), nothing is
 # installed. JAX does not preallocate, so that transformers' rows in the same process find the memory they need.
 set -u
 budget=${1:-450}
+shift $(($# > 0 ? 1 : 0))
+stages=${*:-train train_hf decode kernels prefill gpu_check}
 py=${PYTHON:-python3}
 out=${OUT:-/tmp/l4jax-device}
 mkdir -p "$out"
@@ -35,11 +38,18 @@ stage() {  # stage NAME SECONDS COMMAND...: run under min(SECONDS, what is left 
 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
 } >> "$log" 2>&1
 
-stage train 170 "$py" bench/train.py
-stage decode 130 "$py" bench/decode.py --kv-int8
-stage kernels 80 "$py" bench/kernels.py --out "$out/kernels.json"
-stage prefill 60 "$py" bench/decode.py --prompt 8192 --new 2 --batch 1
-stage gpu_check 90 "$py" bench/gpu_check.py --out "$out/gpu_check.json"
+for s in $stages; do
+    case $s in
+        train) stage train 150 "$py" bench/train.py --no-hf ;;
+        train_hf) stage train_hf 60 "$py" bench/train.py --hf-only --steps 3 ;;  # own process: JAX keeps its pool
+        decode) stage decode 150 "$py" bench/decode.py --kv-int8 ;;
+        decode32) stage decode32 100 "$py" bench/decode.py --batch 32 ;;
+        kernels) stage kernels 80 "$py" bench/kernels.py --out "$out/kernels.json" ;;
+        prefill) stage prefill 100 "$py" bench/decode.py --prompt 8192 --new 2 --batch 1 ;;
+        gpu_check) stage gpu_check 150 "$py" bench/gpu_check.py --out "$out/gpu_check.json" ;;
+        *) echo "unknown stage $s" | tee -a "$log" ;;
+    esac
+done
 
 echo "== total $(($(date +%s) - start))s" >> "$log"
 cat "$log"

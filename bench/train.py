@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--remat", default="none")
     ap.add_argument("--moe-impl", default="auto", choices=["auto", "scan", "ragged_dot"])
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--hf-only", action="store_true", help="only the transformers row (its own process: JAX's "
+                    "allocator keeps what the l4jax step used)")
     args = ap.parse_args()
     config = l4jax.load_config(args.config)
     tc = TrainConfig(seq_len=args.seq, batch_size=args.batch, compute_dtype="bfloat16", param_dtype="float32",
@@ -91,11 +93,14 @@ def main():
           f"{per_token / 1e9:.2f} GFLOP per token")
     print(f"{'impl':14s} {'s/step':>8s} {'tokens/s':>10s} {'MFU %':>7s}")
     tokens = args.batch * args.seq
-    rows = [("l4jax", time_l4jax(config, tc, args.steps))]
-    if not args.no_hf:
-        rows.append(("transformers", time_hf(args.config, args.batch, args.seq, args.steps)))
-    for name, s in rows:
-        print(f"{name:14s} {s:8.3f} {tokens / s:10.0f} {100 * tokens / s * per_token / peak:7.1f}")
+    rows = []
+    for name, timed in (("l4jax", lambda: time_l4jax(config, tc, args.steps)),
+                        ("transformers", lambda: time_hf(args.config, args.batch, args.seq, args.steps))):
+        if (name == "l4jax" and args.hf_only) or (name == "transformers" and args.no_hf):
+            continue
+        rows.append((name, timed()))
+        s = rows[-1][1]  # printed at once: a later row that fails keeps this one
+        print(f"{name:14s} {s:8.3f} {tokens / s:10.0f} {100 * tokens / s * per_token / peak:7.1f}", flush=True)
     if len(rows) == 2:
         print(f"l4jax / transformers tokens/s: {rows[1][1] / rows[0][1]:.1f}x")
 
