@@ -21,6 +21,7 @@ import numpy as np
 
 import l4jax
 from l4jax.infer.generate import stream
+from l4jax.model.gmm import IMPLS
 from l4jax.plan.costs import decode_costs
 
 
@@ -80,7 +81,7 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--moe-impl", default="auto", choices=["auto", "scan", "ragged_dot"])
+    ap.add_argument("--moe-impl", default="auto", choices=("auto",) + IMPLS)
     ap.add_argument("--kv-int8", action="store_true", help="also an l4jax row with the int8 KV cache")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()

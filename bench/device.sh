@@ -2,8 +2,8 @@
 # Every GPU bench and check in one call of a lent GPU machine, most wanted first, each under its own time limit and
 # all under one deadline, so that a stage that hangs or fails costs only itself. Logs and JSON go under $OUT.
 #
-#   bash bench/device.sh [SECONDS [STAGE...]]   # default 450 s, every stage: train train_hf decode kernels
-#                                                #   prefill gpu_check
+#   bash bench/device.sh [SECONDS [STAGE...]]   # default 450 s and the stages train train_hf decode kernels
+#                                                #   prefill gpu_check; also decode32, train_scan
 #
 # The machine has jax with CUDA, torch and transformers; l4jax runs from this checkout (PYTHONPATH), nothing is
 # installed. JAX does not preallocate, so that transformers' rows in the same process find the memory they need.
@@ -41,6 +41,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run under min(SECONDS, what is left 
 for s in $stages; do
     case $s in
         train) stage train 150 "$py" bench/train.py --no-hf ;;
+        train_scan) stage train_scan 150 "$py" bench/train.py --no-hf --moe-impl scan ;;  # the MoE before mgpu
         train_hf) stage train_hf 60 "$py" bench/train.py --hf-only --steps 3 ;;  # own process: JAX keeps its pool
         decode) stage decode 150 "$py" bench/decode.py --kv-int8 ;;
         decode32) stage decode32 100 "$py" bench/decode.py --batch 32 ;;

@@ -4,7 +4,7 @@
 
 MoE grouped matmul (x [M, D] sorted by expert @ w [E, D, F] per expert, M = B * T * top-k = 8192, D = F = 2048,
 E = 16; balanced and skewed group sizes), forward and the two backward products:
-  scan        l4jax's tile schedule (``l4jax.model.gmm``, the GPU default today)
+  scan        l4jax's tile schedule (``l4jax.model.gmm``; the GPU default before "mgpu")
   ragged_dot  ``jax.lax.ragged_dot`` (dense over every expert on GPUs, per the compiled program)
   mgpu        Pallas Mosaic GPU kernels (Hopper wgmma): ``ragged_dot_mgpu`` for y = x W and dx = dy W^T
               (``transpose_rhs``), ``transposed_ragged_dot_mgpu`` for dW = x^T dy

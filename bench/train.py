@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import l4jax
+from l4jax.model.gmm import IMPLS
 from l4jax.train import TrainConfig, Trainer, flops
 
 
@@ -78,7 +79,7 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--remat", default="none")
-    ap.add_argument("--moe-impl", default="auto", choices=["auto", "scan", "ragged_dot"])
+    ap.add_argument("--moe-impl", default="auto", choices=("auto",) + IMPLS)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--hf-only", action="store_true", help="only the transformers row (its own process: JAX's "
                     "allocator keeps what the l4jax step used)")

@@ -1,8 +1,9 @@
 """How the hot paths compute, as one setting: the same numbers whichever is chosen, different programs.
 
-    moe          the grouped matmul of the routed experts: "scan" (a tile schedule in plain XLA, everywhere) or
-                 "ragged_dot" (``jax.lax.ragged_dot``: native and sparse on TPU, dense on GPU and CPU); the small
-                 batches of decoding take a gathered or a dense path whichever this says (moe.py)
+    moe          the grouped matmul of the routed experts: "scan" (a tile schedule in plain XLA, everywhere),
+                 "ragged_dot" (``jax.lax.ragged_dot``: native and sparse on TPU, dense on GPU and CPU) or "mgpu"
+                 (Pallas' Mosaic GPU kernels: Hopper GPUs); the small batches of decoding take a gathered or a
+                 dense path whichever this says (moe.py)
     attention    training and prefill attention: "xla" (the blockwise XLA paths of attention.py, everywhere),
                  "flash" (the fused Pallas kernel of flash.py: GPU), "flash_interpret" (that kernel in Pallas'
                  interpret mode, for tests on the CPU); decode steps always score the cache in XLA
@@ -15,6 +16,8 @@ and ``l4jax plan`` use unless told otherwise.
 from __future__ import annotations
 
 import dataclasses
+
+import jax
 
 from ..config import ConfigError
 from .gmm import IMPLS as MOE_IMPLS
@@ -44,13 +47,27 @@ class Kernels:
     def for_platform(cls, platform: str, *, moe: str = "auto", attention: str = "auto",
                      query_block: int = QUERY_BLOCK, training: bool = False) -> "Kernels":
         """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``moe="auto"`` is the native ragged dot for
-        inference on a TPU and the tile schedule elsewhere; ``attention="auto"`` the fused kernel on a GPU and the
-        XLA paths elsewhere.
+        inference on a TPU, the Mosaic GPU kernels on a Hopper (or newer) GPU and the tile schedule elsewhere;
+        ``attention="auto"`` the fused kernel on a GPU and the XLA paths elsewhere. A program compiled ahead for a
+        GPU target (``l4jax plan``) counts as Hopper: the targets are H100s.
 
         Training keeps the tile schedule on TPUs too: compiled for a v5e (jax 0.10.2), the backward pass of
         ``lax.ragged_dot`` fails in Mosaic ("Bad lhs type"), with or without a float32 result type."""
+        gpu = platform in ("gpu", "cuda")
         if moe == "auto":
-            moe = "ragged_dot" if platform == "tpu" and not training else "scan"
+            moe = ("ragged_dot" if platform == "tpu" and not training else
+                   "mgpu" if gpu and _hopper_or_no_local_gpu() else "scan")
+        elif moe == "mgpu" and not gpu:
+            raise ConfigError(f"moe_impl: 'mgpu' is the Hopper GPU kernel; this program is for {platform}")
         if attention == "auto":
-            attention = "flash" if platform in ("gpu", "cuda") else "xla"
+            attention = "flash" if gpu else "xla"
         return cls(moe, attention, query_block)
+
+
+def _hopper_or_no_local_gpu() -> bool:
+    """False when the local devices are GPUs older than Hopper (compute capability < 9: no wgmma), else True."""
+    dev = jax.local_devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or not cc:
+        return True
+    return float(cc) >= 9.0

@@ -107,7 +107,8 @@ class TrainConfig:
         for f in ("compute_dtype", "param_dtype"):  # "bf16" is accepted and stored as "bfloat16"
             object.__setattr__(self, f, dtype_name(getattr(self, f), f"TrainConfig.{f}", ("float32", "bfloat16")))
         try:
-            Kernels.for_platform("cpu", moe=self.moe_impl, attention=self.attention_impl,
+            # The names only ("gpu" takes every one); the chip is checked when the step is built for it.
+            Kernels.for_platform("gpu", moe=self.moe_impl, attention=self.attention_impl,
                                  query_block=self.query_block)
         except ConfigError as e:
             raise ConfigError(f"TrainConfig.{e}") from None

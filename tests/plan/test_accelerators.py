@@ -50,6 +50,17 @@ def test_bench_on_one_h100(bench, task, kw):
     assert planned["mesh"] == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
     assert result.program["kernels"] > 0 and not result.program["collectives"]
     assert result.program["conditional"] == 0
+    if task == "train":  # the MoE's grouped products are the Mosaic GPU kernels, forward and backward
+        assert result.program["custom_call_targets"].get("mosaic_gpu_v2", 0) >= 9 * 4, result.program
+
+
+def test_expert_parallel_train_step_on_eight_h100s(bench):
+    """Each device runs the Mosaic GPU grouped matmuls on its own 2 experts inside the expert shard_map."""
+    pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
+    result, planned = plan(bench, parse_target("h100x8"), Request("train", batch=8, seq=2048, mesh={"expert": 8}))
+    assert result.fits and planned["mesh"]["expert"] == 8
+    assert result.program["conditional"] == 0
+    assert result.program["custom_call_targets"].get("mosaic_gpu_v2", 0) >= 9 * 4, result.program
 
 
 @pytest.mark.parametrize("batch", [1, 32])
