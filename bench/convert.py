@@ -1,11 +1,13 @@
-"""Streaming conversion benchmark: peak host memory and throughput of ``l4jax convert`` against a plain read.
+"""Streaming conversion benchmark: throughput and peak host memory of ``l4jax convert``, against a plain copy.
 
     python bench/convert.py [--config bench] [--layers 8] [--dir /tmp/l4jax-bench-convert]
 
-Writes a random bf16 HF checkpoint of the given config (the ``bench`` preset is ~3.7 GB) as ~1 GB safetensors
-shards with the HF key names, then runs, each in a fresh process: (1) a plain read of every tensor with
-``safe_open`` and (2) ``l4jax convert``. Prints a table of seconds, MB/s and peak RSS, with the bound the issue sets
-(largest tensor + 1 GB).
+Writes a random bf16 HF checkpoint of the given config (the ``bench`` preset is ~5.3 GB; ``--layers 1`` ~2.1 GB)
+as ~1 GB safetensors shards with the HF key names, then runs, each in a fresh process: (1) a plain read of every
+tensor with ``safe_open``; (2) the copy baseline: that read, each tensor's bytes written to one file, fsync at the
+end; (3) import, ``l4jax convert --from-hf``; (4) export, ``--from-l4jax --to-hf``; (5) resume: the import again,
+killed (SIGKILL) once 60% of its tensors are recorded, then the same command, timed alone. Prints seconds, MB/s,
+percent of the copy's MB/s and peak RSS, with the bound the issue sets (largest tensor + 1 GB).
 """
 
 from __future__ import annotations
@@ -39,6 +41,22 @@ for f in files:
         for k in h.keys():
             total += h.get_tensor(k).nbytes
 print(total)
+"""
+
+COPY = """
+import os, sys, json
+import ml_dtypes  # noqa: F401
+from pathlib import Path
+from safetensors import safe_open
+folder, out = Path(sys.argv[1]), sys.argv[2]
+files = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+with open(out, "wb") as w:
+    for f in files:
+        with safe_open(str(folder / f), framework="numpy") as h:
+            for k in h.keys():
+                w.write(h.get_tensor(k).tobytes())
+    w.flush()
+    os.fsync(w.fileno())
 """
 
 
@@ -99,6 +117,27 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t, peak / 2**20  # kB -> GiB
 
 
+def kill_at(cmd: list[str], out: Path, fraction: float) -> float:
+    """Run ``cmd`` and SIGKILL it once ``fraction`` of its tensors are recorded in its partial folder; returns the
+    fraction recorded when it died."""
+    record = out.parent / f".{out.name}.partial" / "l4jax.partial.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0.0
+    while proc.poll() is None:
+        try:
+            r = json.loads(record.read_text())
+            done = len(r["done"]) / len(r["params"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        if done >= fraction:
+            proc.kill()
+            break
+        time.sleep(0.01)
+    proc.wait()
+    r = json.loads(record.read_text())
+    return len(r["done"]) / len(r["params"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="bench")
@@ -111,14 +150,22 @@ def main():
     write_checkpoint(src, args.config, args.layers)
     total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     largest = max(int(np.prod(s.shape)) * 2 for s in text_sources(load_config(src).text, "model.", "lm_head.weight"))
+    convert = [sys.executable, "-m", "l4jax.cli", "convert"]
+    imp = convert + ["--from-hf", str(src), "--to", str(dst)]
     rows = [("plain safe_open read", *run([sys.executable, "-c", PLAIN_READ, str(src)])),
-            ("l4jax convert", *run([sys.executable, "-m", "l4jax.cli", "convert", "--from-hf", str(src),
-                                    "--to", str(dst)]))]
+            ("copy (read, write, fsync)", *run([sys.executable, "-c", COPY, str(src), str(root / "copy.bin")])),
+            ("import (--from-hf)", *run(imp)),
+            ("export (--to-hf)", *run(convert + ["--from-l4jax", str(dst), "--to-hf", str(root / "hf2")]))]
+    shutil.rmtree(dst)
+    killed_at = kill_at(imp, dst, 0.6)
+    rows.append((f"import resumed after a kill at {killed_at:.0%}", *run(imp)))
     print(f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, largest tensor "
           f"{largest / 1e9:.2f} GB; bound = largest + 1 GB = {largest / 2**30 + 1:.2f} GiB")
-    print(f"{'workload':24s} {'seconds':>8s} {'MB/s':>8s} {'peak RSS GiB':>13s}")
+    copy = total / rows[1][1]
+    print(f"{'workload':36s} {'seconds':>8s} {'MB/s':>8s} {'% of copy':>10s} {'peak RSS GiB':>13s}")
     for name, sec, rss in rows:
-        print(f"{name:24s} {sec:8.1f} {total / 1e6 / sec:8.0f} {rss:13.2f}")
+        print(f"{name:36s} {sec:8.1f} {total / 1e6 / sec:8.0f} {100 * total / sec / copy:10.0f} {rss:13.2f}")
+    print(f"resumed import: {100 * rows[-1][1] / rows[2][1]:.0f}% of a whole import's time")
     shutil.rmtree(root, ignore_errors=True)
 
 

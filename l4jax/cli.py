@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import tree
-from .checkpoints import hf_import, l4jax_format
+from .checkpoints import conversion, hf_import, l4jax_format
 from .checkpoints.hf_import import CheckpointError
 from .config import ConfigError, config_path, dtype_name, load_config, read_document
 from .data.images import ImageProcessor, encode_with_images
@@ -161,12 +161,15 @@ def _convert(args) -> int:
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
     index = hf_import.SafetensorsIndex(src)
-    total = sum(s.size for s in hf_import.plan(index, cfg)) * dtype.itemsize
+    planned = hf_import.plan(index, cfg)
     index.close()
+    total = sum(s.size for s in planned) * dtype.itemsize
+    # Resumable: a killed conversion's partial folder is continued by the same command (checkpoints/conversion.py).
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {args.to}", file=sys.stderr) as bar:
-        l4jax_format.save(hf_import.stream(src, cfg, dtype), args.to,
-                          config=json.loads((src / "config.json").read_text()), dtype=dtype.name,
-                          side_files_from=src, progress=bar.update)
+        conversion.convert(lambda done: hf_import.reads(src, cfg, dtype, skip=done),
+                           ["/".join(s.path) for s in planned], args.to, source=src,
+                           config=json.loads((src / "config.json").read_text()), dtype=dtype.name,
+                           progress=bar.update, restart=args.restart)
     return 0
 
 
@@ -245,6 +248,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--to-hf", help="with --from-l4jax: the HF folder to write (must not exist)")
     conv.add_argument("--shard-size", type=float, default=5.0, help="--to-hf: GB per safetensors shard (5)")
     conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
+    conv.add_argument("--restart", action="store_true", help="--from-hf: start over instead of continuing the "
+                      "partial folder a killed conversion left (.<name>.partial beside --to)")
     conv.set_defaults(run=_convert)
     _add_train(sub)
     _add_plan(sub)

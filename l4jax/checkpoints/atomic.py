@@ -19,24 +19,34 @@ import jax
 from ..parallel.distributed import sync
 
 
+def partial_dir(out: str | Path) -> Path:
+    """The temporary sibling that ``atomic_dir`` fills before renaming it to ``out``."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.partial"
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, *, overwrite: bool = False, what: str = "folder") -> Iterator[Path]:
+def atomic_dir(out: str | Path, *, overwrite: bool = False, what: str = "folder", keep: bool = False
+               ) -> Iterator[Path]:
     """Yield the temporary folder to fill; on leaving the block without an error it becomes ``out``.
 
     ``out`` must not exist unless ``overwrite``; then the previous folder is moved aside first (a directory
     cannot be replaced in one rename), so a crash in the instant between the two renames leaves it at
     ``.<name>.old`` beside ``out``. On an error the temporary folder is removed and ``out`` is untouched.
+    With ``keep`` (a resumable writer, conversion.py) an existing temporary folder is filled further, and kept on
+    an error for the next attempt.
     """
     out = Path(out).absolute()  # newer Orbax refuses relative paths
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; refusing to overwrite a {what}")
     primary = jax.process_index() == 0
     # The same names on every process (they share the filesystem).
-    tmp, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    tmp, old = partial_dir(out), out.parent / f".{out.name}.old"
     if primary:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
         try:
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True, exist_ok=keep)
         except OSError as e:  # a read-only or full disk, a file where a folder should be: name the destination
             raise type(e)(e.errno, f"{out}: cannot write the {what} there ({e.strerror})") from e
     sync(f"l4jax-atomic-start-{out.name}")
@@ -51,6 +61,6 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False, what: str = "folder"
             shutil.rmtree(old, ignore_errors=True)
         sync(f"l4jax-atomic-done-{out.name}")
     except BaseException:
-        if primary:
+        if primary and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         raise

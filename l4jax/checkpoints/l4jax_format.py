@@ -68,29 +68,40 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
     out = Path(out).absolute()
     with atomic_dir(out, overwrite=overwrite, what="checkpoint") as tmp:
         names, sums = [], {}
-        with _writer() as ckptr:
+        with writer() as ckptr:
             for path, array in items:
                 name = "/".join(path)
-                try:
-                    ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
-                except Exception as e:  # a full disk or an I/O error, which TensorStore raises in many types
-                    raise OSError(f"{out}: writing parameter {name!r} failed: {first_line(e)}") from e
+                sums[name], nbytes = write_param(ckptr, tmp, out, name, array)
                 names.append(name)
-                sums[name] = checksum.of_array(array)
-                nbytes = array.nbytes
                 del array  # not alive while the next tensor is read
-                _release_freed_memory()
+                release_freed_memory()
                 if progress is not None:
                     progress(nbytes)
         if jax.process_index() == 0:
-            if side_files_from is not None:
-                for f in SIDE_FILES:
-                    if (Path(side_files_from) / f).is_file():
-                        shutil.copy2(Path(side_files_from) / f, tmp / f)
-            (tmp / MANIFEST).write_text(json.dumps(
-                {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
-                 "checksums": sums}, indent=1))
+            write_manifest(tmp, names, sums, config=config, dtype=dtype, side_files_from=side_files_from)
     return out
+
+
+def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array) -> tuple[str, int]:
+    """One parameter as its Orbax item under ``tmp/params``; returns its checksum and byte count. A failed write is an
+    OSError naming ``out`` and the parameter."""
+    try:
+        ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
+    except Exception as e:  # a full disk or an I/O error, which TensorStore raises in many types
+        raise OSError(f"{out}: writing parameter {name!r} failed: {first_line(e)}") from e
+    return checksum.of_array(array), int(array.nbytes)
+
+
+def write_manifest(tmp: Path, names: list[str], sums: dict[str, str], *, config: dict, dtype: str,
+                   side_files_from: str | Path | None) -> None:
+    """The side files and, last, ``l4jax.json``: what makes a folder a checkpoint."""
+    if side_files_from is not None:
+        for f in SIDE_FILES:
+            if (Path(side_files_from) / f).is_file():
+                shutil.copy2(Path(side_files_from) / f, tmp / f)
+    (tmp / MANIFEST).write_text(json.dumps(
+        {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
+         "checksums": sums}, indent=1))
 
 
 def first_line(e: BaseException) -> str:
@@ -98,7 +109,7 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0][:300]
 
 
-def _writer() -> ocp.Checkpointer:
+def writer() -> ocp.Checkpointer:
     """A synchronous Orbax writer whose numpy handler does not deep-copy host arrays.
 
     Orbax copies host arrays by default so that an async save cannot see them change; this writer finishes each
@@ -110,7 +121,7 @@ def _writer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     Measured on the bench checkpoint: without this, glibc keeps ~0.6 GB of each large tensor's freed buffers in its

@@ -105,8 +105,9 @@ def test_an_output_that_cannot_be_written_is_one_line(converted, tmp_path, capsy
 
 def test_a_disk_that_fills_during_the_write_is_one_line(converted, tmp_path, capsys, monkeypatch):
     """ENOSPC in the middle of a conversion (simulated: the writer fails on the third tensor, as TensorStore does,
-    with a bare Exception): exit 2, one line naming the folder and the tensor, nothing left at the destination."""
-    real = l4jax_format._writer
+    with a bare Exception): exit 2, one line naming the folder and the tensor and where the two finished tensors
+    are kept; nothing at the destination; with space again the same command finishes the checkpoint."""
+    real = l4jax_format.writer
 
     class Filling:
         def __init__(self):
@@ -123,11 +124,19 @@ def test_a_disk_that_fills_during_the_write_is_one_line(converted, tmp_path, cap
             if self.n == 3:
                 raise Exception("OUT_OF_RANGE: Error writing local file: [OS error 28: No space left on device]")
             return self.inner.save(*args, **kw)
-    monkeypatch.setattr(l4jax_format, "_writer", Filling)
+    monkeypatch.setattr(l4jax_format, "writer", Filling)
     assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "out")]) == 2
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith(f"l4jax: {tmp_path / 'out'}: writing parameter ") and "No space left on device" in line
-    assert list(tmp_path.iterdir()) == []
+    assert line.endswith(f"the 2 of 47 tensors written are kept in {tmp_path / '.out.partial'}: the same command "
+                         "continues from there"), line
+    assert [p.name for p in tmp_path.iterdir()] == [".out.partial"]
+    monkeypatch.setattr(l4jax_format, "writer", real)
+    assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    ids, mask, _ = batch()
+    np.testing.assert_array_equal(np.asarray(l4jax.load(tmp_path / "out")(ids, mask)),
+                                  np.asarray(l4jax.load(converted / "l4")(ids, mask)))
 
 
 def test_interrupted_conversion_leaves_nothing(converted, tmp_path):
