@@ -75,7 +75,7 @@ def reads(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("after", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
-                                   28, N - 1])  # none, one, 60%, all but the last
+                                   28, pytest.param(N - 1, marks=pytest.mark.slow)])  # none, one, 60%, all but the last
 def test_a_killed_conversion_continues_and_ends_as_an_uninterrupted_one(hf, tmp_path, monkeypatch, after):
     out = tmp_path / "out"
     killing_writer(after, monkeypatch)
@@ -95,7 +95,7 @@ def test_a_killed_conversion_continues_and_ends_as_an_uninterrupted_one(hf, tmp_
     same_checkpoint(out, hf / "whole")
 
 
-@pytest.mark.parametrize("where", ["after the manifest", "at the final rename"])
+@pytest.mark.parametrize("where", [pytest.param("after the manifest", marks=pytest.mark.slow), "at the final rename"])
 def test_killed_at_the_end(hf, tmp_path, monkeypatch, where):
     out = tmp_path / "out"
     if where == "after the manifest":
