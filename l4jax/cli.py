@@ -157,6 +157,8 @@ def _convert(args) -> int:
     if not src.is_dir():
         raise ValueError(f"--from-hf {src}: {'not a folder' if src.exists() else 'no such folder'} (an HF model "
                          "folder holds config.json and *.safetensors)")
+    if args.read_ahead_gb is not None and not args.read_ahead_gb > 0:
+        raise ValueError(f"--read-ahead-gb: must be a positive number of GB, got {args.read_ahead_gb}")
     cfg = load_config(src)
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
@@ -169,7 +171,8 @@ def _convert(args) -> int:
         conversion.convert(lambda done: hf_import.reads(src, cfg, dtype, skip=done),
                            ["/".join(s.path) for s in planned], args.to, source=src,
                            config=json.loads((src / "config.json").read_text()), dtype=dtype.name,
-                           progress=bar.update, restart=args.restart)
+                           progress=bar.update, restart=args.restart,
+                           budget=None if args.read_ahead_gb is None else int(args.read_ahead_gb * 1e9))
     return 0
 
 
@@ -248,6 +251,9 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--to-hf", help="with --from-l4jax: the HF folder to write (must not exist)")
     conv.add_argument("--shard-size", type=float, default=5.0, help="--to-hf: GB per safetensors shard (5)")
     conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
+    conv.add_argument("--read-ahead-gb", type=float, default=None,
+                      help="--from-hf: GB of tensors held at once while the next ones are read during a write "
+                           "(default: the largest tensor's, so the peak stays one tensor's)")
     conv.add_argument("--restart", action="store_true", help="--from-hf: start over instead of continuing the "
                       "partial folder a killed conversion left (.<name>.partial beside --to)")
     conv.set_defaults(run=_convert)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -138,6 +139,15 @@ def test_a_partial_folder_of_another_conversion_is_refused_then_restarted(hf, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_larger_read_ahead_writes_the_same_checkpoint(hf, tmp_path, capsys):
+    args = ["convert", "--from-hf", str(hf / "hf"), "--to", str(tmp_path / "out"), "--read-ahead-gb"]
+    assert main(args + ["0"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == "l4jax: --read-ahead-gb: must be a positive number of GB, got 0.0"
+    assert main(args + ["1"]) == 0  # every tensor of the tiny model may be in memory at once
+    same_checkpoint(tmp_path / "out", hf / "whole")
+
+
 def test_the_progress_bar_counts_every_byte_also_when_resumed(hf, tmp_path, monkeypatch, capsys):
     killing_writer(20, monkeypatch)
     with pytest.raises(Killed):
@@ -173,3 +183,35 @@ def test_kill_9_at_60_percent_then_the_same_command(hf, tmp_path):
     assert 28 <= done < N
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     same_checkpoint(out, hf / "whole")
+
+
+def test_read_ahead_keeps_order_and_the_byte_budget_and_raises_in_place():
+    """Reads run ahead on a thread, but never hold more than the budget (one tensor larger than it, alone); a read
+    that fails raises where its tensor comes, after the ones before it."""
+    held, peak, log, lock = [0], [0], [], threading.Lock()
+    sizes = [5, 3, 3, 9, 1, 1, 2, 4]
+
+    def read(i):
+        def go():
+            with lock:
+                held[0] += sizes[i]
+                peak[0] = max(peak[0], held[0])
+            time.sleep(0.002)
+            if i == 6:
+                raise ValueError("tensor 6 is damaged")
+            return np.full(sizes[i], i)
+        return go
+
+    todo = [((f"p{i}",), n, read(i)) for i, n in enumerate(sizes)]
+    with pytest.raises(ValueError, match="tensor 6"):
+        with conversion._read_ahead(todo, budget=6) as arrays:
+            for path, array in arrays:
+                time.sleep(0.01)  # writing: the thread reads ahead meanwhile
+                with lock:
+                    log.append((path[0], int(array[0]), held[0]))
+                    held[0] -= array.size
+                del array
+    assert [p for p, _, _ in log] == ["p0", "p1", "p2", "p3", "p4", "p5"]
+    assert all(f"p{v}" == p for p, v, _ in log)
+    assert peak[0] == 9  # p3 alone; every other moment within the budget of 6
+    assert max(h for p, _, h in log if p != "p3") <= 6
