@@ -162,16 +162,12 @@ def _convert(args) -> int:
     cfg = load_config(src)
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
-    index = hf_import.SafetensorsIndex(src)
-    planned = hf_import.plan(index, cfg)
-    index.close()
-    total = sum(s.size for s in planned) * dtype.itemsize
+    reads = hf_import.reads(src, cfg, dtype)
     # Resumable: a killed conversion's partial folder is continued by the same command (checkpoints/conversion.py).
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {args.to}", file=sys.stderr) as bar:
-        conversion.convert(lambda done: hf_import.reads(src, cfg, dtype, skip=done),
-                           ["/".join(s.path) for s in planned], args.to, source=src,
-                           config=json.loads((src / "config.json").read_text()), dtype=dtype.name,
-                           progress=bar.update, restart=args.restart,
+    with tqdm(total=sum(n for _, n, _ in reads), unit="B", unit_scale=True, desc=f"convert -> {args.to}",
+              file=sys.stderr) as bar:
+        conversion.convert(reads, args.to, source=src, config=json.loads((src / "config.json").read_text()),
+                           dtype=dtype.name, progress=bar.update, restart=args.restart,
                            budget=None if args.read_ahead_gb is None else int(args.read_ahead_gb * 1e9))
     return 0
 

@@ -194,3 +194,26 @@ def damage_largest_file(folder: Path) -> Path:
     raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
     f.write_bytes(bytes(raw))
     return f
+
+
+def writer_with(on_save):
+    """A stand-in for ``l4jax_format.writer`` (to monkeypatch in): the real writer, whose ``save(path, ...)`` goes
+    through ``on_save(n, path, save)``; n counts the saves from 1, ``save()`` does the real one."""
+    from l4jax.checkpoints import l4jax_format
+
+    real = l4jax_format.writer
+
+    class Writer:
+        def __init__(self):
+            self.inner, self.n = real(), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def save(self, path, *args, **kw):
+            self.n += 1
+            return on_save(self.n, path, lambda: self.inner.save(path, *args, **kw))
+    return Writer

@@ -4,7 +4,7 @@ The partial folder (``.<name>.partial`` beside the destination: ``atomic.partial
 so far and ``l4jax.partial.json``, rewritten (write, then rename) after each tensor:
 
     {"format": "l4jax-partial", "version": 1, "source": {"folder": ..., "files": {name: [bytes, mtime_ns]}},
-     "dtype": ..., "params": [every parameter, in order], "done": {parameter: [checksum, bytes]}}
+     "dtype": ..., "params": [every parameter, in order], "done": {parameter: checksum}}
 
 A rerun whose source files, dtype and parameter list are the same continues with the parameters not in "done"
 (the Orbax item of a tensor that was being written, or written but not yet recorded, is removed and written
@@ -46,51 +46,48 @@ def source_files(folder: str | Path) -> dict:
 Read = tuple[tuple[str, ...], int, Callable[[], np.ndarray]]  # (path, bytes, read()): hf_import.reads
 
 
-def convert(reads: Callable[[frozenset[str]], list[Read]], names: list[str], out: str | Path, *,
-            source: str | Path, config: dict, dtype: str, progress: Callable[[int], None] | None = None,
-            restart: bool = False, budget: int | None = None) -> Path:
-    """Write the parameters ``names`` (in this order) as an l4jax checkpoint at ``out``, resumably.
+def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: dict, dtype: str,
+            progress: Callable[[int], None] | None = None, restart: bool = False, budget: int | None = None) -> Path:
+    """Write the parameters of ``reads`` (path, bytes, read), in this order, as an l4jax checkpoint at ``out``,
+    resumably: a parameter an earlier attempt finished is not read again.
 
-    ``reads(done)`` lists (path, bytes, read) for every parameter not in ``done``, in order; ``source`` is the
-    folder read (its files identify the conversion; its side files are copied). The next tensors are read on a
-    thread while one is written, with at most ``budget`` bytes of tensors in memory at once (default: the largest
-    tensor's, so the peak stays that of one tensor at a time). ``progress`` gets byte counts, first those of the
-    parameters an earlier attempt finished."""
+    ``source`` is the folder read (its files identify the conversion; its side files are copied). The next tensors
+    are read on a thread while one is written, with at most ``budget`` bytes of tensors in memory at once (default:
+    the largest tensor's, so the peak stays that of one tensor at a time). ``progress`` gets byte counts, first
+    those of the parameters an earlier attempt finished."""
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out}: already exists; refusing to overwrite a checkpoint")
+    names = ["/".join(path) for path, _, _ in reads]
     record = {"format": FORMAT, "version": VERSION, "source": source_files(source), "dtype": dtype,
-              "params": list(names), "done": {}}
+              "params": names, "done": {}}
     tmp = partial_dir(out)
     if restart:
         shutil.rmtree(tmp, ignore_errors=True)
     elif tmp.exists():
         record["done"] = _resumed(tmp, record)
     with atomic_dir(out, what="checkpoint", keep=True) as tmp:
-        done = record["done"]
+        done = record["done"]  # parameter -> checksum
         _drop_unrecorded(tmp, names, done)
         _write_record(tmp, record)
+        todo = [r for name, r in zip(names, reads) if name not in done]
         if progress is not None and done:
-            progress(sum(nbytes for _, nbytes in done.values()))
+            progress(sum(nbytes for name, (_, nbytes, _) in zip(names, reads) if name in done))
         try:
-            todo = reads(frozenset(done))
             budget = budget or max((n for _, n, _ in todo), default=0)
             with l4jax_format.writer() as ckptr, _read_ahead(todo, budget) as arrays:
                 for path, array in arrays:
                     name = "/".join(path)
-                    done[name] = list(l4jax_format.write_param(ckptr, tmp, out, name, array))
+                    done[name], nbytes = l4jax_format.write_param(ckptr, tmp, out, name, array)
                     _write_record(tmp, record)
                     del array  # not alive while the next tensor is read
                     l4jax_format.release_freed_memory()
                     if progress is not None:
-                        progress(done[name][1])
+                        progress(nbytes)
         except OSError as e:  # a full disk: what is done stays done
             raise OSError(f"{e}; the {len(done)} of {len(names)} tensors written are kept in {tmp}: the same "
                           "command continues from there") from None
-        missing = [n for n in names if n not in done]
-        if missing:
-            raise ValueError(f"{out}: the source yielded no tensor for {missing[:5]}")
-        l4jax_format.write_manifest(tmp, list(names), {n: done[n][0] for n in names}, config=config, dtype=dtype,
+        l4jax_format.write_manifest(tmp, names, {n: done[n] for n in names}, config=config, dtype=dtype,
                                     side_files_from=source)
         (tmp / PARTIAL).unlink(missing_ok=True)
     return out
@@ -149,13 +146,13 @@ def _resumed(tmp: Path, record: dict) -> dict:
         if l4jax_format.is_checkpoint(tmp):  # killed between the record's removal and the final rename
             manifest = l4jax_format.read_manifest(tmp)
             if manifest["params"] == record["params"] and manifest["dtype"] == record["dtype"]:
-                return {n: [manifest["checksums"][n], 0] for n in record["params"]}
+                return {n: manifest["checksums"][n] for n in record["params"]}
         shutil.rmtree(tmp)  # nothing recorded: another writer's leftover, or killed before the first tensor
         return {}
     prev = l4jax_format.read_json_manifest(f, FORMAT, VERSION, "partial conversion")
-    if all(prev.get(k) == record[k] for k in ("source", "dtype", "params")):
-        return prev["done"]
     changed = [k for k in ("source", "dtype", "params") if prev.get(k) != record[k]]
+    if not changed:
+        return prev["done"]
     raise ValueError(f"{tmp}: a partial conversion of {prev['source']['folder']} to {prev['dtype']} "
                      f"({len(prev['done'])} of {len(prev['params'])} tensors written); its {', '.join(changed)} "
                      "differ from this command's: rerun with --restart to start over")

@@ -169,11 +169,10 @@ def _check_finite(block: np.ndarray, f: Path, key: str, row: int) -> None:
                           "damaged")
 
 
-def reads(folder: str | Path, config: Llama4Config, dtype=None, skip: frozenset[str] = frozenset()
+def reads(folder: str | Path, config: Llama4Config, dtype=None
           ) -> list[tuple[tuple[str, ...], int, Callable[[], np.ndarray]]]:
-    """(l4jax path, bytes, read) of every parameter, in order, leaving out the "/"-joined paths in ``skip`` (a
-    resumed conversion's finished ones: never read). Every header is checked against the config first; ``read()``
-    loads one parameter (``load_source``)."""
+    """(l4jax path, bytes, read) of every parameter, in order. Every header is checked against the config first;
+    nothing is read until ``read()`` loads its parameter (``load_source``)."""
     index = SafetensorsIndex(folder)
     try:
         planned = plan(index, config)
@@ -181,8 +180,7 @@ def reads(folder: str | Path, config: Llama4Config, dtype=None, skip: frozenset[
                     for s in planned}
     finally:
         index.close()  # headers checked; from here each read opens and closes its own file
-    return [(s.path, s.size * itemsize[s.key], functools.partial(load_source, index, s, dtype))
-            for s in planned if "/".join(s.path) not in skip]
+    return [(s.path, s.size * itemsize[s.key], functools.partial(load_source, index, s, dtype)) for s in planned]
 
 
 def stream(folder: str | Path, config: Llama4Config, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:

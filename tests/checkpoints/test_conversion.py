@@ -17,7 +17,7 @@ import pytest
 import l4jax
 from l4jax.checkpoints import atomic, conversion, hf_import, l4jax_format
 from l4jax.cli import main
-from tiny import hf_model, save
+from tiny import hf_model, save, writer_with
 
 N = 47  # parameters of the tiny Maverick-like model
 
@@ -43,28 +43,15 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing catches it, nothing is cleaned up."""
 
 
-def killing_writer(after: int, monkeypatch, *, then_record: bool = False):
+def killing_writer(after: int, monkeypatch):
     """A writer that finishes ``after`` tensors, then writes the next one's Orbax item and dies before it is
     recorded (the worst moment), leaving an Orbax temporary behind as a kill inside a save would."""
-    real = l4jax_format.writer
-
-    class Writer:
-        def __init__(self):
-            self.inner, self.n = real(), 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.inner.close()
-
-        def save(self, path, *args, **kw):
-            self.inner.save(path, *args, **kw)
-            self.n += 1
-            if self.n == after + 1:
-                Path(f"{path}.orbax-checkpoint-tmp-123").mkdir()
-                raise Killed
-    monkeypatch.setattr(l4jax_format, "writer", Writer)
+    def save_then_die(n, path, save):
+        save()
+        if n == after + 1:
+            Path(f"{path}.orbax-checkpoint-tmp-123").mkdir()
+            raise Killed
+    monkeypatch.setattr(l4jax_format, "writer", writer_with(save_then_die))
 
 
 def reads(monkeypatch) -> list:

@@ -11,7 +11,7 @@ import l4jax
 from l4jax.data import corpus_dir
 from l4jax.cli import main
 from l4jax.checkpoints import l4jax_format
-from tiny import batch, damage_largest_file, hf_model, save
+from tiny import batch, damage_largest_file, hf_model, save, writer_with
 
 
 @pytest.fixture(scope="module")
@@ -109,22 +109,11 @@ def test_a_disk_that_fills_during_the_write_is_one_line(converted, tmp_path, cap
     are kept; nothing at the destination; with space again the same command finishes the checkpoint."""
     real = l4jax_format.writer
 
-    class Filling:
-        def __init__(self):
-            self.inner, self.n = real(), 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.inner.close()
-
-        def save(self, *args, **kw):
-            self.n += 1
-            if self.n == 3:
-                raise Exception("OUT_OF_RANGE: Error writing local file: [OS error 28: No space left on device]")
-            return self.inner.save(*args, **kw)
-    monkeypatch.setattr(l4jax_format, "writer", Filling)
+    def fill_at_the_third(n, path, save):
+        if n == 3:
+            raise Exception("OUT_OF_RANGE: Error writing local file: [OS error 28: No space left on device]")
+        return save()
+    monkeypatch.setattr(l4jax_format, "writer", writer_with(fill_at_the_third))
     assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "out")]) == 2
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith(f"l4jax: {tmp_path / 'out'}: writing parameter ") and "No space left on device" in line
