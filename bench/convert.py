@@ -5,9 +5,11 @@
 Writes a random bf16 HF checkpoint of the given config (the ``bench`` preset is ~5.3 GB; ``--layers 1`` ~2.1 GB)
 as ~1 GB safetensors shards with the HF key names, then runs, each in a fresh process: (1) a plain read of every
 tensor with ``safe_open``; (2) the copy baseline: that read, each tensor's bytes written to one file, fsync at the
-end; (3) import, ``l4jax convert --from-hf``; (4) export, ``--from-l4jax --to-hf``; (5) resume: the import again,
-killed (SIGKILL) once 60% of its tensors are recorded, then the same command, timed alone. Prints seconds, MB/s,
-percent of the copy's MB/s and peak RSS, with the bound the issue sets (largest tensor + 1 GB).
+end; (3) import, ``l4jax convert --from-hf``; (4) export, ``--from-l4jax --to-hf``; (5) ``l4jax.load`` of the HF
+folder onto a 2-device mesh (simulated CPU devices); (6) resume: the export and the import again, each killed
+(SIGKILL) once 60% of its tensors are recorded, then the same command, timed alone. First, the start-up of a
+process that imports l4jax's CLI (in every l4jax figure). Prints seconds, MB/s, percent of the copy's MB/s and
+peak RSS, with the bound the issue sets (largest tensor + 1 GB).
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ with open(out, "wb") as w:
                 w.write(h.get_tensor(k).tobytes())
     w.flush()
     os.fsync(w.fileno())
+"""
+
+
+LOAD = """
+import sys
+from l4jax.parallel.mesh import simulate_cpu_devices
+simulate_cpu_devices(2)
+import l4jax
+l4jax.load(sys.argv[1], mesh=l4jax.make_mesh(tensor=2))
 """
 
 
@@ -138,6 +149,13 @@ def kill_at(cmd: list[str], out: Path, fraction: float) -> float:
     return len(r["done"]) / len(r["params"])
 
 
+def resumed(cmd: list[str], out: Path, fraction: float = 0.6) -> tuple[str, float, float]:
+    """The same command after a SIGKILL at ``fraction`` of its tensors: (what, seconds, peak RSS)."""
+    shutil.rmtree(out, ignore_errors=True)
+    killed_at = kill_at(cmd, out, fraction)
+    return (f"after a kill at {killed_at:.0%}", *run(cmd))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="bench")
@@ -152,20 +170,27 @@ def main():
     largest = max(int(np.prod(s.shape)) * 2 for s in text_sources(load_config(src).text, "model.", "lm_head.weight"))
     convert = [sys.executable, "-m", "l4jax.cli", "convert"]
     imp = convert + ["--from-hf", str(src), "--to", str(dst)]
-    rows = [("plain safe_open read", *run([sys.executable, "-c", PLAIN_READ, str(src)])),
+    exp = convert + ["--from-l4jax", str(dst), "--to-hf", str(root / "hf2")]
+    rows = [("python -c 'import l4jax.cli' (start-up)", *run([sys.executable, "-c", "import l4jax.cli"])),
+            ("plain safe_open read", *run([sys.executable, "-c", PLAIN_READ, str(src)])),
             ("copy (read, write, fsync)", *run([sys.executable, "-c", COPY, str(src), str(root / "copy.bin")])),
             ("import (--from-hf)", *run(imp)),
-            ("export (--to-hf)", *run(convert + ["--from-l4jax", str(dst), "--to-hf", str(root / "hf2")]))]
-    shutil.rmtree(dst)
-    killed_at = kill_at(imp, dst, 0.6)
-    rows.append((f"import resumed after a kill at {killed_at:.0%}", *run(imp)))
+            ("export (--to-hf)", *run(exp)),
+            ("l4jax.load(hf, mesh=tensor=2), 2 CPU devices", *run([sys.executable, "-c", LOAD, str(src)]))]
+    shutil.rmtree(root / "hf2")
+    what, sec, rss = resumed(exp, root / "hf2")
+    rows.append((f"export resumed {what}", sec, rss))
+    what, sec, rss = resumed(imp, dst)
+    rows.append((f"import resumed {what}", sec, rss))
     print(f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, largest tensor "
           f"{largest / 1e9:.2f} GB; bound = largest + 1 GB = {largest / 2**30 + 1:.2f} GiB")
-    copy = total / rows[1][1]
-    print(f"{'workload':36s} {'seconds':>8s} {'MB/s':>8s} {'% of copy':>10s} {'peak RSS GiB':>13s}")
+    copy = total / rows[2][1]
+    print(f"{'workload':48s} {'seconds':>8s} {'MB/s':>8s} {'% of copy':>10s} {'peak RSS GiB':>13s}")
     for name, sec, rss in rows:
-        print(f"{name:36s} {sec:8.1f} {total / 1e6 / sec:8.0f} {100 * total / sec / copy:10.0f} {rss:13.2f}")
-    print(f"resumed import: {100 * rows[-1][1] / rows[2][1]:.0f}% of a whole import's time")
+        rate = "" if "start-up" in name else f"{total / 1e6 / sec:8.0f} {100 * total / sec / copy:10.0f}"
+        print(f"{name:48s} {sec:8.1f} {rate:>19s} {rss:13.2f}")
+    print(f"resumed export: {100 * rows[-2][1] / rows[4][1]:.0f}% of a whole export's time; resumed import: "
+          f"{100 * rows[-1][1] / rows[3][1]:.0f}% of a whole import's time")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -137,12 +137,20 @@ def _export(args) -> int:
     if not args.shard_size > 0:
         raise ValueError(f"--shard-size: must be a positive number of GB, got {args.shard_size}")
     dtype = None if args.dtype is None else dtype_name(args.dtype, "--dtype")
-    model = load(args.from_l4jax, dtype=dtype)
-    # The checkpoint keeps the config.json it was converted from (or its run's): written back field for field.
-    out = model.save_pretrained(args.to_hf, shard_size=int(args.shard_size * 1e9), side_files_from=args.from_l4jax,
-                                hf_config=l4jax_format.read_manifest(args.from_l4jax)["config"])
+    budget = _read_ahead_bytes(args)
+    # Streamed from the disk (no device involved) and resumable, as the import (checkpoints/conversion.py); the
+    # checkpoint's stored config.json is written back field for field.
+    plan = conversion.export_plan(args.from_l4jax, dtype=dtype, shard_size=int(args.shard_size * 1e9))
+    with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"export -> {args.to_hf}", file=sys.stderr) as bar:
+        out = conversion.export(plan, args.to_hf, progress=bar.update, restart=args.restart, budget=budget)
     print(f"HF folder written to {out}")
     return 0
+
+
+def _read_ahead_bytes(args) -> int | None:
+    if args.read_ahead_gb is not None and not args.read_ahead_gb > 0:
+        raise ValueError(f"--read-ahead-gb: must be a positive number of GB, got {args.read_ahead_gb}")
+    return None if args.read_ahead_gb is None else int(args.read_ahead_gb * 1e9)
 
 
 def _convert(args) -> int:
@@ -157,8 +165,7 @@ def _convert(args) -> int:
     if not src.is_dir():
         raise ValueError(f"--from-hf {src}: {'not a folder' if src.exists() else 'no such folder'} (an HF model "
                          "folder holds config.json and *.safetensors)")
-    if args.read_ahead_gb is not None and not args.read_ahead_gb > 0:
-        raise ValueError(f"--read-ahead-gb: must be a positive number of GB, got {args.read_ahead_gb}")
+    budget = _read_ahead_bytes(args)
     cfg = load_config(src)
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
@@ -167,8 +174,7 @@ def _convert(args) -> int:
     with tqdm(total=sum(n for _, n, _ in reads), unit="B", unit_scale=True, desc=f"convert -> {args.to}",
               file=sys.stderr) as bar:
         conversion.convert(reads, args.to, source=src, config=json.loads((src / "config.json").read_text()),
-                           dtype=dtype.name, progress=bar.update, restart=args.restart,
-                           budget=None if args.read_ahead_gb is None else int(args.read_ahead_gb * 1e9))
+                           dtype=dtype.name, progress=bar.update, restart=args.restart, budget=budget)
     return 0
 
 
@@ -248,10 +254,10 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--shard-size", type=float, default=5.0, help="--to-hf: GB per safetensors shard (5)")
     conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
     conv.add_argument("--read-ahead-gb", type=float, default=None,
-                      help="--from-hf: GB of tensors held at once while the next ones are read during a write "
+                      help="GB of tensors held at once while the next ones are read during a write "
                            "(default: the largest tensor's, so the peak stays one tensor's)")
-    conv.add_argument("--restart", action="store_true", help="--from-hf: start over instead of continuing the "
-                      "partial folder a killed conversion left (.<name>.partial beside --to)")
+    conv.add_argument("--restart", action="store_true", help="start over instead of continuing the partial "
+                      "folder a killed conversion left (.<name>.partial beside --to or --to-hf)")
     conv.set_defaults(run=_convert)
     _add_train(sub)
     _add_plan(sub)

@@ -1,34 +1,40 @@
-"""A conversion into the l4jax format that survives being killed: run the same command again and it continues.
+"""Conversions that survive being killed: run the same command again and it continues where it stopped.
 
-The partial folder (``.<name>.partial`` beside the destination: ``atomic.partial_dir``) holds the tensors written
-so far and ``l4jax.partial.json``, rewritten (write, then rename) after each tensor:
+Both directions: HF safetensors into the l4jax format (``convert``) and an l4jax checkpoint out to an HF folder
+(``export``). The partial folder (``.<name>.partial`` beside the destination: ``atomic.partial_dir``) holds what
+is written so far and ``l4jax.partial.json``, rewritten (write, then rename) after each tensor:
 
     {"format": "l4jax-partial", "version": 1, "source": {"folder": ..., "files": {name: [bytes, mtime_ns]}},
-     "dtype": ..., "params": [every parameter, in order], "done": {parameter: checksum}}
+     "dtype": ..., "params": [every tensor, in order], "done": {tensor: checksum (import) or bytes (export)},
+     "shards": {file: tensors} (export only)}
 
-A rerun whose source files, dtype and parameter list are the same continues with the parameters not in "done"
-(the Orbax item of a tensor that was being written, or written but not yet recorded, is removed and written
-again); a partial folder of anything else is refused with one line saying what it is from and how far it got
-(``restart=True``, the CLI's ``--restart``, starts over). At the end ``l4jax.json`` is written, the record removed
-and the folder renamed into place: the checkpoint is the one an uninterrupted run writes. A folder without
-``l4jax.json`` is never a checkpoint, so a partial one is never mistaken for a finished one.
+A rerun whose source files, dtype and tensor list (and shards) are the same continues with the tensors not in
+"done": on import the Orbax item of a tensor that was being written, or written but not yet recorded, is removed
+and written again; on export each safetensors shard is cut back to its last recorded tensor (each is fsynced
+before it is recorded) and continued. A partial folder of anything else is refused with one line saying what it
+is from and how far it got (``restart=True``, the CLI's ``--restart``, starts over). At the end the manifest
+(``l4jax.json``; an export's index, config and side files) is written, the record removed and the folder renamed
+into place: the result is the one an uninterrupted run writes. A folder without ``l4jax.json`` is never an l4jax
+checkpoint, and nothing is at the HF destination before the rename, so a partial folder is never mistaken for a
+finished one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import json
 import os
-import queue
 import shutil
-import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from . import l4jax_format
+from ..config import Llama4Config
+from . import hf_export, l4jax_format, safetensors_file
 from .atomic import atomic_dir, partial_dir
+from .read_ahead import Read, read_ahead
 
 PARTIAL = "l4jax.partial.json"
 FORMAT, VERSION = "l4jax-partial", 1
@@ -41,9 +47,6 @@ def source_files(folder: str | Path) -> dict:
     folder = Path(folder).absolute()
     files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir()) if f.is_file()}
     return {"folder": str(folder), "files": files}
-
-
-Read = tuple[tuple[str, ...], int, Callable[[], np.ndarray]]  # (path, bytes, read()): hf_import.reads
 
 
 def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: dict, dtype: str,
@@ -65,7 +68,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
     if restart:
         shutil.rmtree(tmp, ignore_errors=True)
     elif tmp.exists():
-        record["done"] = _resumed(tmp, record)
+        record["done"] = _resumed(tmp, record, _finished_checkpoint(record))
     with atomic_dir(out, what="checkpoint", keep=True) as tmp:
         done = record["done"]  # parameter -> checksum
         _drop_unrecorded(tmp, names, done)
@@ -75,7 +78,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
             progress(sum(nbytes for name, (_, nbytes, _) in zip(names, reads) if name in done))
         try:
             budget = budget or max((n for _, n, _ in todo), default=0)
-            with l4jax_format.writer() as ckptr, _read_ahead(todo, budget) as arrays:
+            with l4jax_format.writer() as ckptr, read_ahead(todo, budget) as arrays:
                 for path, array in arrays:
                     name = "/".join(path)
                     done[name], nbytes = l4jax_format.write_param(ckptr, tmp, out, name, array)
@@ -93,69 +96,148 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
     return out
 
 
-@contextlib.contextmanager
-def _read_ahead(todo: list[Read], budget: int) -> Iterator[Iterator[tuple[tuple[str, ...], np.ndarray]]]:
-    """(path, array) of ``todo`` in order, each read on a thread while the caller writes the ones before it (reads,
-    transposes and TensorStore's writes release the GIL). A tensor is read only when the bytes of those read and not
-    yet released, plus its own, fit in ``budget`` (or when none are held). One is released when the caller asks
-    for the next, after dropping its own reference."""
-    cond, held, stop, ready = threading.Condition(), [0], threading.Event(), queue.Queue()
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What an export of the l4jax checkpoint ``src`` writes: every HF tensor (in order) and the shard files."""
 
-    def produce():
-        for path, nbytes, read in todo:
-            with cond:
-                cond.wait_for(lambda: stop.is_set() or held[0] == 0 or held[0] + nbytes <= budget)
-                if stop.is_set():
-                    return
-                held[0] += nbytes
-            try:
-                ready.put((path, nbytes, read()))
-            except BaseException as e:  # a damaged tensor: raised in order, where the caller reads it
-                ready.put(e)
-                return
+    src: Path
+    manifest: dict
+    config: Llama4Config
+    dtype: np.dtype
+    tensors: list[hf_export.HFTensor]
+    shards: dict[str, list[hf_export.HFTensor]]
 
-    def consume():
-        for _ in todo:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            path, nbytes, array = item
-            del item
-            yield path, array
-            del array  # the caller has written it and dropped its own reference
-            with cond:
-                held[0] -= nbytes
-                cond.notify()
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
 
-    thread = threading.Thread(target=produce, name="l4jax-read-ahead", daemon=True)
-    thread.start()
+
+def export_plan(src: str | Path, *, dtype=None, shard_size: int = hf_export.SHARD_SIZE) -> ExportPlan:
+    """Plan the export of ``src`` from its manifest alone (nothing is read): ``dtype`` casts (default: the stored
+    one); a checkpoint whose parameters are not its config's is one line naming them."""
+    src = Path(src).absolute()
+    manifest = l4jax_format.read_manifest(src)
+    config = Llama4Config.from_hf(manifest["config"])
+    dtype = np.dtype(dtype or manifest["dtype"])
+    tensors = hf_export.hf_plan(config, lambda path: dtype)
+    _check_params(src, manifest["params"], tensors)
+    return ExportPlan(src, manifest, config, dtype, tensors, hf_export.shard_plan(tensors, shard_size))
+
+
+def export(plan: ExportPlan, out: str | Path, *, progress: Callable[[int], None] | None = None,
+           restart: bool = False, budget: int | None = None) -> Path:
+    """Write the planned l4jax checkpoint as an HF folder at ``out`` (``hf_export``'s layout, its stored
+    config.json field for field), streamed from the disk and resumably: nothing is loaded onto a device, each HF
+    tensor is assembled from its parameters on a thread while the one before it is written (at most ``budget``
+    bytes of tensors held, default the largest tensor's), and a rerun continues after the last tensor recorded.
+    ``progress`` gets byte counts, first those of the tensors an earlier attempt finished."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite a Hugging Face export")
+    tensors, shards = plan.tensors, plan.shards
+    record = {"format": FORMAT, "version": VERSION, "source": source_files(plan.src), "dtype": plan.dtype.name,
+              "params": [t.key for t in tensors], "shards": {name: len(ts) for name, ts in shards.items()},
+              "done": {}}
+    tmp = partial_dir(out)
+    if restart:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp.exists():
+        record["done"] = _resumed(tmp, record, lambda tmp: _finished_export(tmp, tensors, shards))
+    with atomic_dir(out, what="Hugging Face export", keep=True) as tmp:
+        done = record["done"]  # HF key -> bytes
+        _write_record(tmp, record)
+        if progress is not None and done:
+            progress(sum(done.values()))
+        todo = [t for t in tensors if t.key not in done]
+        sums = plan.manifest.get("checksums", {})
+        with l4jax_format.reader() as ckptr:
+            def get(path):
+                return l4jax_format.read_host(ckptr, plan.src, "/".join(path), sums)
+
+            reads = [(t.key, t.nbytes, functools.partial(t.assemble, get)) for t in todo]
+            with read_ahead(reads, budget or max((t.nbytes for t in todo), default=0)) as arrays:
+                for name, ts in shards.items():
+                    _write_shard(tmp / name, ts, arrays, record, tmp, progress)
+        hf_export.write_index(tmp, shards)
+        hf_export.write_side_files(tmp, plan.config, plan.manifest["config"], plan.src)
+        (tmp / PARTIAL).unlink()
+    return out
+
+
+def _check_params(src: Path, stored: list[str], tensors: list[hf_export.HFTensor]) -> None:
+    """The checkpoint holds exactly the parameters the HF tensors are made of: else one line naming them."""
+    wanted = {"/".join(s.path) for t in tensors for s in t.parts}
+    missing, unexpected = sorted(wanted - set(stored)), sorted(set(stored) - wanted)
+    if missing or unexpected:
+        raise ValueError(f"{src}: the checkpoint does not match its config: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]}")
+
+
+def _write_shard(path: Path, ts: list[hf_export.HFTensor], arrays, record: dict, tmp: Path,
+                 progress: Callable[[int], None] | None) -> None:
+    """One safetensors shard, continued after its recorded tensors (always a prefix: tensors go in order)."""
+    done = record["done"]
+    start = next((i for i, t in enumerate(ts) if t.key not in done), len(ts))
+    if start == len(ts):
+        return
+
+    def written(key: str, nbytes: int) -> None:
+        done[key] = nbytes
+        _write_record(tmp, record)
+        if progress is not None:
+            progress(nbytes)
+
+    def own():  # this shard's arrays, in order, dropping each reference once it is written
+        for _ in ts[start:]:
+            _, array = next(arrays)
+            yield array
+            del array
+
     try:
-        yield consume()
-    finally:
-        with cond:
-            stop.set()
-            cond.notify()
-        thread.join()
+        safetensors_file.write(path, [(t.key, t.shape, t.dtype) for t in ts], own(), {"format": "pt"}, start=start,
+                               on_written=written)
+    except OSError as e:  # a full disk: what is done stays done
+        raise OSError(f"{path.parent}: writing {path.name} failed: {l4jax_format.first_line(e)}; the {len(done)} "
+                      f"of {len(record['params'])} tensors written are kept there: the same command continues from "
+                      "there") from None
 
 
-def _resumed(tmp: Path, record: dict) -> dict:
-    """The finished parameters of the partial folder ``tmp`` when it is this conversion's; else an error (or, for a
-    folder with no record, nothing: it is started over)."""
+def _finished_export(tmp: Path, tensors: list[hf_export.HFTensor], shards: dict) -> dict | None:
+    """Every tensor, when ``tmp`` is a complete export killed before its rename. Without a record, shard files mean
+    that: the record is written before any shard and removed only once everything else is."""
+    if all((tmp / name).is_file() for name in shards):
+        return {t.key: t.nbytes for t in tensors}
+    return None
+
+
+def _resumed(tmp: Path, record: dict, finished: Callable[[Path], dict | None]) -> dict:
+    """The finished tensors of the partial folder ``tmp`` when it is this conversion's; else an error. Without a
+    record, ``finished(tmp)`` says whether it is complete (killed between the record's removal and the final
+    rename); otherwise it is started over (another writer's leftover, or killed before the first tensor)."""
     f = tmp / PARTIAL
     if not f.is_file():
-        if l4jax_format.is_checkpoint(tmp):  # killed between the record's removal and the final rename
-            manifest = l4jax_format.read_manifest(tmp)
-            if manifest["params"] == record["params"] and manifest["dtype"] == record["dtype"]:
-                return {n: manifest["checksums"][n] for n in record["params"]}
-        shutil.rmtree(tmp)  # nothing recorded: another writer's leftover, or killed before the first tensor
+        done = finished(tmp)
+        if done is not None:
+            return done
+        shutil.rmtree(tmp)
         return {}
     prev = l4jax_format.read_json_manifest(f, FORMAT, VERSION, "partial conversion")
-    changed = [k for k in ("source", "dtype", "params") if prev.get(k) != record[k]]
+    changed = [k for k in record if k != "done" and prev.get(k) != record[k]]
     if not changed:
         return prev["done"]
     raise ValueError(f"{tmp}: a partial conversion of {prev['source']['folder']} to {prev['dtype']} "
                      f"({len(prev['done'])} of {len(prev['params'])} tensors written); its {', '.join(changed)} "
                      "differ from this command's: rerun with --restart to start over")
+
+
+def _finished_checkpoint(record: dict) -> Callable[[Path], dict | None]:
+    def finished(tmp: Path) -> dict | None:
+        if l4jax_format.is_checkpoint(tmp):
+            manifest = l4jax_format.read_manifest(tmp)
+            if manifest["params"] == record["params"] and manifest["dtype"] == record["dtype"]:
+                return {n: manifest["checksums"][n] for n in record["params"]}
+        return None
+    return finished
 
 
 def _drop_unrecorded(tmp: Path, names: list[str], done: dict) -> None:

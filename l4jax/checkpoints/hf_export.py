@@ -23,7 +23,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -33,6 +33,7 @@ from ..config import Llama4Config
 from ..parallel.distributed import to_numpy
 from . import safetensors_file
 from .atomic import atomic_dir
+from .hf_import import put_transposed
 from .hf_names import Source, sources
 from .l4jax_format import SIDE_FILES, first_line
 
@@ -48,10 +49,17 @@ def text_layout(config: Llama4Config) -> tuple[str, str]:
 
 
 def _place(out: np.ndarray, s: Source, value: np.ndarray) -> None:
-    """Write one l4jax parameter back into its (part of an) HF tensor: undo the reshape, then the transpose."""
+    """Write one l4jax parameter back into its (part of an) HF tensor: undo the reshape, then the transpose (in
+    tiles that stay in the CPU's caches), casting to ``out``'s dtype on the way."""
     shape = s.read_shape
-    value = value.reshape(shape[::-1] if s.transpose else shape)
-    out[s.part or ...] = value.T if s.transpose else value
+    want = s.out_shape or (shape[::-1] if s.transpose else shape)
+    if tuple(value.shape) != tuple(want):
+        raise ValueError(f"parameter {'/'.join(s.path)!r} has shape {list(value.shape)}; {s.key!r} needs "
+                         f"{list(want)}")
+    if s.transpose:
+        put_transposed(out[s.part or ...], value.reshape(shape[::-1]))
+    else:
+        out[s.part or ...] = value.reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,27 +75,38 @@ class HFTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def assemble(self, params: dict) -> np.ndarray:
-        """The tensor on the host, each part gathered (every process must call this) and placed in turn."""
+    def assemble(self, get: Callable[[tuple[str, ...]], np.ndarray]) -> np.ndarray:
+        """The tensor on the host, each part fetched with ``get(path)`` and placed in turn (host memory: the tensor
+        and one part)."""
         out = np.empty(self.shape, self.dtype)
         for s in self.parts:
-            _place(out, s, to_numpy(tree.get(params, s.path)))
+            _place(out, s, get(s.path))
         return out
 
 
-def hf_plan(config: Llama4Config, params: dict, dtype=None) -> list[HFTensor]:
-    """Every HF tensor, in ``sources`` order, from the parameters' shapes and dtypes (nothing is fetched)."""
+def hf_plan(config: Llama4Config, dtype_of: Callable[[tuple[str, ...]], np.dtype]) -> list[HFTensor]:
+    """Every HF tensor, in ``sources`` order, from the shapes alone; ``dtype_of(path)``: the dtype the tensor made
+    from that l4jax parameter is written in."""
     groups: dict[str, list[Source]] = {}
     for s in sources(config, *text_layout(config)):
         groups.setdefault(s.key, []).append(s)
-    return [HFTensor(key, parts[0].shape, np.dtype(dtype or tree.get(params, parts[0].path).dtype), tuple(parts))
+    return [HFTensor(key, parts[0].shape, np.dtype(dtype_of(parts[0].path)), tuple(parts))
             for key, parts in groups.items()]
+
+
+def _gather(params: dict) -> Callable[[tuple[str, ...]], np.ndarray]:
+    """A parameter of ``params`` on the host, gathered whole (a collective every process joins)."""
+    return lambda path: to_numpy(tree.get(params, path))
+
+
+def _dtypes(params: dict, dtype) -> Callable[[tuple[str, ...]], np.dtype]:
+    return lambda path: np.dtype(dtype or tree.get(params, path).dtype)
 
 
 def hf_tensors(config: Llama4Config, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF key, host array) for every tensor of the HF checkpoint, one at a time, in ``sources`` order."""
-    for t in hf_plan(config, params, dtype):
-        yield t.key, t.assemble(params)
+    for t in hf_plan(config, _dtypes(params, dtype)):
+        yield t.key, t.assemble(_gather(params))
 
 
 def save_hf(config: Llama4Config, params: dict, out: str | Path, *, dtype=None, shard_size: int = SHARD_SIZE,
@@ -101,23 +120,30 @@ def save_hf(config: Llama4Config, params: dict, out: str | Path, *, dtype=None, 
     if shard_size < 1:
         raise ValueError(f"shard_size: must be a positive number of bytes, got {shard_size}")
     out = Path(out).absolute()
-    shards = shard_plan(hf_plan(config, params, dtype), shard_size)
+    shards = shard_plan(hf_plan(config, _dtypes(params, dtype)), shard_size)
     with atomic_dir(out, overwrite=overwrite, what="Hugging Face export") as tmp:
         for name, tensors in shards.items():
             _write_shard(tmp / name, tensors, params)
         if jax.process_index() == 0:
-            _write_index(tmp, shards)
-            (tmp / "config.json").write_text(json.dumps(hf_config or config.to_hf(), indent=2))
-            if side_files_from is not None:
-                for f in SIDE_FILES:
-                    if (Path(side_files_from) / f).is_file():
-                        shutil.copy2(Path(side_files_from) / f, tmp / f)
-            if not (tmp / "generation_config.json").is_file():  # as transformers derives it from the config
-                t = config.text
-                (tmp / "generation_config.json").write_text(json.dumps(
-                    {"bos_token_id": t.bos_token_id, "eos_token_id": list(t.eos_token_id),
-                     "pad_token_id": t.pad_token_id, "_from_model_config": True}, indent=2))
+            write_index(tmp, shards)
+            write_side_files(tmp, config, hf_config, side_files_from)
     return out
+
+
+def write_side_files(folder: Path, config: Llama4Config, hf_config: dict | None,
+                     side_files_from: str | Path | None) -> None:
+    """config.json (``hf_config``, default ``config.to_hf()``), the source's tokenizer and generation files, and a
+    generation_config.json derived from the config when the source has none."""
+    (folder / "config.json").write_text(json.dumps(hf_config or config.to_hf(), indent=2))
+    if side_files_from is not None:
+        for f in SIDE_FILES:
+            if (Path(side_files_from) / f).is_file():
+                shutil.copy2(Path(side_files_from) / f, folder / f)
+    if not (folder / "generation_config.json").is_file():  # as transformers derives it from the config
+        t = config.text
+        (folder / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": t.bos_token_id, "eos_token_id": list(t.eos_token_id),
+             "pad_token_id": t.pad_token_id, "_from_model_config": True}, indent=2))
 
 
 def shard_plan(tensors: list[HFTensor], shard_size: int) -> dict[str, list[HFTensor]]:
@@ -136,7 +162,7 @@ def shard_plan(tensors: list[HFTensor], shard_size: int) -> dict[str, list[HFTen
 
 def _write_shard(path: Path, tensors: list[HFTensor], params: dict) -> None:
     """Stream one shard's tensors into ``path`` (process 0); the other processes gather alongside."""
-    arrays = (t.assemble(params) for t in tensors)
+    arrays = (t.assemble(_gather(params)) for t in tensors)
     if jax.process_index() != 0:
         for _ in arrays:
             pass
@@ -147,7 +173,7 @@ def _write_shard(path: Path, tensors: list[HFTensor], params: dict) -> None:
         raise OSError(f"{path.parent}: writing {path.name} failed: {first_line(e)}") from e
 
 
-def _write_index(folder: Path, shards: dict[str, list[HFTensor]]) -> None:
+def write_index(folder: Path, shards: dict[str, list[HFTensor]]) -> None:
     """``model.safetensors.index.json`` (the weight map and total size), when there is more than one shard."""
     if len(shards) > 1:
         weight_map = {t.key: name for name, tensors in shards.items() for t in tensors}

@@ -133,6 +133,29 @@ def release_freed_memory() -> None:
         pass
 
 
+def reader() -> ocp.Checkpointer:
+    """An Orbax reader for ``read_host``."""
+    return ocp.PyTreeCheckpointer()
+
+
+def read_host(ckptr: ocp.Checkpointer, path: Path, name: str, sums: dict[str, str]) -> np.ndarray:
+    """One stored parameter as a host numpy array (no device involved), its checksum checked when ``sums`` has
+    one: what a streamed export reads."""
+    try:
+        value = ckptr.restore(path / "params" / name, args=ocp.args.PyTreeRestore(
+            restore_args={"value": ocp.RestoreArgs(restore_type=np.ndarray)}))["value"]
+    except Exception as e:  # TensorStore reports damage in many types and pages of text: keep one line
+        raise ValueError(f"{path}: cannot read parameter {name!r} (missing or damaged): {first_line(e)}") from e
+    _check_sum(path, name, value, sums)
+    return value
+
+
+def _check_sum(path: Path, name: str, value, sums: dict[str, str]) -> None:
+    if name in sums and checksum.of_array(value) != sums[name]:
+        raise ValueError(f"{path}: parameter {name!r} is damaged: its bytes no longer match the checksum written "
+                         "with it")
+
+
 def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None,
             ignore: tuple[str, ...] = ()) -> dict:
     """Read every parameter of ``abstract`` (ShapeDtypeStructs in the stored dtype) onto its sharding, one at a
@@ -158,9 +181,7 @@ def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dty
             except Exception as e:  # TensorStore reports damage in many types and pages of text: keep one line
                 raise ValueError(f"{path}: cannot restore parameter {name!r} as {leaf.shape} {leaf.dtype} (missing "
                                  f"or damaged): {first_line(e)}") from e
-            if name in sums and checksum.of_array(value) != sums[name]:
-                raise ValueError(f"{path}: parameter {name!r} is damaged: its bytes no longer match the checksum "
-                                 "written with it")
+            _check_sum(path, name, value, sums)
             if dtype is not None and value.dtype != dtype:
                 value = value.astype(dtype)
             tree.put(params, keys, value)

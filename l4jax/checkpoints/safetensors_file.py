@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import ml_dtypes
@@ -44,17 +45,33 @@ def header(entries: Sequence[tuple[str, tuple[int, ...], np.dtype]], metadata: d
 
 
 def write(path: str | Path, entries: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-          arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> int:
-    """Write ``arrays`` (one per entry, in order, e.g. a generator making each on demand) to ``path``; returns the
-    bytes written. Each array must have its entry's shape and dtype."""
+          arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None, *, start: int = 0,
+          on_written: Callable[[str, int], None] | None = None) -> int:
+    """Write ``arrays`` (one per entry from ``start`` on, in order, e.g. a generator making each on demand) to
+    ``path``; returns the bytes written. Each array must have its entry's shape and dtype.
+
+    ``start > 0`` continues a file whose first ``start`` tensors are already written (a resumed export): whatever
+    follows them is cut off and the rest written after. With ``on_written``, each tensor is flushed to the disk
+    (fsync) before ``on_written(name, bytes)`` is called: a record kept there survives a killed process or node."""
+    head = header(entries, metadata)
+    offset = len(head) + sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in entries[:start])
     n = 0
-    with open(path, "wb") as f:
-        f.write(header(entries, metadata))
-        for (name, shape, dtype), array in zip(entries, arrays, strict=True):
+    with open(path, "r+b" if start else "wb") as f:
+        if start:
+            f.truncate(offset)
+            f.seek(offset)
+        else:
+            f.write(head)
+        for (name, shape, dtype), array in zip(entries[start:], arrays, strict=True):
             if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"{name}: got {array.dtype}{list(array.shape)}, the header says "
                                  f"{np.dtype(dtype)}{list(shape)}")
             f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
             n += array.nbytes
+            if on_written is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                on_written(name, array.nbytes)
+            del array  # not alive while the next one is made
         f.flush()
     return n

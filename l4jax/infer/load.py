@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from .. import tree
 from ..checkpoints import hf_import, l4jax_format
+from ..checkpoints.read_ahead import read_ahead
 from ..config import Llama4Config, TextConfig, load_config
 from ..model.decoder import Llama4Text, abstract_params, init_params
 from ..model.vision import VISION_PARAMS, ImageEncoder, abstract_vision_params, init_vision_params
@@ -93,12 +94,17 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
     expected = abstract_model(config, dtype)
     shardings = None if mesh is None else param_shardings(config, partitioning(config.text, mesh), dtype)
     params: dict = {}
-    for p, host in hf_import.stream(path, config, dtype):
-        want = tree.get(expected, p)
-        if host.shape != want.shape:  # a converter bug, not a user error
-            raise AssertionError(f"{'/'.join(p)}: converted shape {host.shape} != model shape {want.shape}")
-        # One tensor at a time; with a mesh each device receives only its shard (each process places its own).
-        tree.put(params, p, put(host, None if shardings is None else tree.get(shardings, p)))
+    reads = hf_import.reads(path, config, dtype)
+    # The next tensor is read on a thread while one is placed, holding at most the largest tensor's bytes of them
+    # (as `l4jax convert` does: checkpoints/read_ahead.py).
+    with read_ahead(reads, max((n for _, n, _ in reads), default=0)) as tensors:
+        for p, host in tensors:
+            want = tree.get(expected, p)
+            if host.shape != want.shape:  # a converter bug, not a user error
+                raise AssertionError(f"{'/'.join(p)}: converted shape {host.shape} != model shape {want.shape}")
+            # One tensor at a time; with a mesh each device receives only its shard (each process places its own).
+            tree.put(params, p, put(host, None if shardings is None else tree.get(shardings, p)))
+            del host
     text, vision_params = _split(config, params)
     return Model(config, text, dtype=dtype, mesh=mesh, vision_params=vision_params, **kernels)
 

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from ..model.axes import ShardingError
@@ -31,11 +32,30 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
             raise ShardingError(f"make_mesh: {name} must be a positive integer, got {n!r}")
     devices = list(jax.devices() if devices is None else devices)
     if math.prod(sizes.values()) != len(devices):
-        shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
-        raise ShardingError(f"make_mesh: {shape} = {math.prod(sizes.values())} devices, but there are "
+        raise ShardingError(f"make_mesh: {_shape(sizes)} = {math.prod(sizes.values())} devices, but there are "
                             f"{len(devices)}; the product of the axis sizes must equal the device count")
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    shape, types = tuple(sizes.values()), (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:  # an axis is no product of whole torus axes (tensor=2 on a v5p 8x8x8): split them
+        pass
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (NotImplementedError, ValueError) as e:
+        raise ShardingError(f"make_mesh: {_shape(sizes)} does not map onto the devices' {_topology(devices)} "
+                            f"interconnect: {str(e).splitlines()[0]}") from None
+    return Mesh(grid, MESH_AXES, axis_types=types)
+
+
+def _shape(sizes: dict[str, int]) -> str:
+    return " x ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def _topology(devices: Sequence[jax.Device]) -> str:
+    coords = [getattr(d, "coords", None) for d in devices]
+    if any(c is None for c in coords):
+        return f"{len(devices)}-device"
+    return "x".join(str(max(c[i] for c in coords) + 1) for i in range(len(coords[0])))
 
 
 def platform(mesh: Mesh | None) -> str:

@@ -3,19 +3,22 @@ an uninterrupted run writes; a partial folder of another conversion is refused i
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 import l4jax
-from l4jax.checkpoints import atomic, conversion, hf_import, l4jax_format
+from l4jax.checkpoints import atomic, conversion, hf_export, hf_import, l4jax_format, safetensors_file
 from l4jax.cli import main
 from tiny import hf_model, save, writer_with
 
@@ -172,33 +175,159 @@ def test_kill_9_at_60_percent_then_the_same_command(hf, tmp_path):
     same_checkpoint(out, hf / "whole")
 
 
-def test_read_ahead_keeps_order_and_the_byte_budget_and_raises_in_place():
-    """Reads run ahead on a thread, but never hold more than the budget (one tensor larger than it, alone); a read
-    that fails raises where its tensor comes, after the ones before it."""
-    held, peak, log, lock = [0], [0], [], threading.Lock()
-    sizes = [5, 3, 3, 9, 1, 1, 2, 4]
+# Export (l4jax -> HF): streamed from the disk, resumable the same way.
 
-    def read(i):
-        def go():
-            with lock:
-                held[0] += sizes[i]
-                peak[0] = max(peak[0], held[0])
-            time.sleep(0.002)
-            if i == 6:
-                raise ValueError("tensor 6 is damaged")
-            return np.full(sizes[i], i)
-        return go
+def hf_tensors(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
 
-    todo = [((f"p{i}",), n, read(i)) for i, n in enumerate(sizes)]
-    with pytest.raises(ValueError, match="tensor 6"):
-        with conversion._read_ahead(todo, budget=6) as arrays:
-            for path, array in arrays:
-                time.sleep(0.01)  # writing: the thread reads ahead meanwhile
-                with lock:
-                    log.append((path[0], int(array[0]), held[0]))
-                    held[0] -= array.size
-                del array
-    assert [p for p, _, _ in log] == ["p0", "p1", "p2", "p3", "p4", "p5"]
-    assert all(f"p{v}" == p for p, v, _ in log)
-    assert peak[0] == 9  # p3 alone; every other moment within the budget of 6
-    assert max(h for p, _, h in log if p != "p3") <= 6
+
+def files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def exported(hf):
+    """The uninterrupted export of the converted checkpoint, in shards of ~60 kB (several files and an index)."""
+    assert main(["convert", "--from-l4jax", str(hf / "whole"), "--to-hf", str(hf / "back"), "--shard-size",
+                 "0.00006"]) == 0
+    return hf / "back"
+
+
+def test_the_streamed_export_gives_back_the_hf_tensors(hf, exported):
+    ref, back = hf_tensors(hf / "hf"), hf_tensors(exported)
+    assert sorted(ref) == sorted(back) and all(ref[k].tobytes() == back[k].tobytes() for k in ref)
+    assert len(list(exported.glob("*.safetensors"))) > 3 and (exported / "model.safetensors.index.json").is_file()
+
+
+def dying_record(after: int, monkeypatch):
+    """Dies once tensor ``after + 1`` is written and fsynced but before it is recorded (the first record is the
+    empty one written at the start)."""
+    real, calls = conversion._write_record, [0]
+
+    def record_or_die(tmp, record):
+        calls[0] += 1
+        if calls[0] == after + 2:
+            raise Killed
+        real(tmp, record)
+    monkeypatch.setattr(conversion, "_write_record", record_or_die)
+
+
+def assembled(monkeypatch) -> list:
+    seen, real = [], hf_export.HFTensor.assemble
+    monkeypatch.setattr(hf_export.HFTensor, "assemble", lambda self, get: seen.append(self.key) or real(self, get))
+    return seen
+
+
+@pytest.mark.parametrize("after", [0, pytest.param(1, marks=pytest.mark.slow), 27,
+                                   pytest.param(44, marks=pytest.mark.slow)])  # none, one, 60%, all but the last
+def test_a_killed_export_continues_and_ends_as_an_uninterrupted_one(hf, exported, tmp_path, monkeypatch, after):
+    out, args = tmp_path / "out", ["convert", "--from-l4jax", str(hf / "whole"), "--shard-size", "0.00006"]
+    total = len(hf_tensors(exported))
+    assert total == 45
+    dying_record(after, monkeypatch)
+    with pytest.raises(Killed):
+        main(args + ["--to-hf", str(out)])
+    partial = atomic.partial_dir(out)
+    assert not out.exists() and len(json.loads((partial / conversion.PARTIAL).read_text())["done"]) == after
+    monkeypatch.undo()
+    seen = assembled(monkeypatch)
+    assert main(args + ["--to-hf", str(out)]) == 0
+    assert len(seen) == total - after  # tensors on the disk are not made again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert files(out) == files(exported)  # byte for byte, every file
+
+
+def test_an_export_killed_at_the_final_rename_only_renames(hf, exported, tmp_path, monkeypatch):
+    out, real = tmp_path / "out", os.replace
+
+    def die_at_rename(src, dst):
+        if str(src).endswith(".partial"):
+            raise Killed
+        real(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", die_at_rename)
+    args = ["convert", "--from-l4jax", str(hf / "whole"), "--to-hf", str(out), "--shard-size", "0.00006"]
+    with pytest.raises(Killed):
+        main(args)
+    monkeypatch.undo()
+    seen = assembled(monkeypatch)
+    assert main(args) == 0
+    assert seen == [] and files(out) == files(exported)
+
+
+def test_an_export_partial_folder_of_another_dtype_is_refused_then_restarted(hf, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    dying_record(3, monkeypatch)
+    with pytest.raises(Killed):
+        main(["convert", "--from-l4jax", str(hf / "whole"), "--to-hf", str(out)])
+    monkeypatch.undo()
+    capsys.readouterr()
+    args = ["convert", "--from-l4jax", str(hf / "whole"), "--to-hf", str(out), "--dtype", "bf16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"l4jax: {atomic.partial_dir(out)}: a partial conversion of {hf / 'whole'} to float32 "
+                          "(3 of ") and err.endswith("its dtype differ from this command's: rerun with --restart "
+                                                     "to start over"), err
+    assert main(args + ["--restart"]) == 0
+    ref, back = hf_tensors(hf / "hf"), hf_tensors(out)
+    assert {str(v.dtype) for v in back.values()} == {"bfloat16"}
+    assert all(np.array_equal(ref[k].astype(ml_dtypes.bfloat16), back[k]) for k in ref)
+
+
+def test_the_streamed_export_holds_one_tensor_at_a_time(tmp_path):
+    """Traced allocations while exporting into one file, with experts large enough that tensors dominate Orbax's own
+    small objects: the tensor being written, one read ahead within the budget (default: the largest) and the
+    parameter being placed, never the whole model."""
+    save(hf_model("maverick", seed=3, hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024),
+         tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "l4")]) == 0
+    plan = conversion.export_plan(tmp_path / "l4", shard_size=10**12)
+    sizes = [t.nbytes for t in plan.tensors]
+    assert sum(sizes) > 4 * max(sizes) > 10**7
+    tracemalloc.start()
+    try:
+        conversion.export(plan, tmp_path / "m")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * max(sizes) + 2**20, (peak, max(sizes), sum(sizes))
+    ref, got = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "m")
+    assert sorted(ref) == sorted(got) and all(ref[k].tobytes() == got[k].tobytes() for k in ref)
+
+
+def test_a_damaged_checkpoint_is_named_and_its_export_left_resumable(hf, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(hf / "whole", src)
+    manifest = json.loads((src / "l4jax.json").read_text())
+    manifest["checksums"]["layers_1/attn/q"] = "0" * len(manifest["checksums"]["layers_1/attn/q"])
+    (src / "l4jax.json").write_text(json.dumps(manifest))
+    assert main(["convert", "--from-l4jax", str(src), "--to-hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"l4jax: {src}: parameter 'layers_1/attn/q' is damaged: its bytes no longer match the checksum "
+                   "written with it"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_the_same_command_continues(hf, exported, tmp_path,
+                                                                                monkeypatch, capsys):
+    real, calls = os.fsync, [0]
+
+    def fsync_until_full(fd):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise OSError(28, "No space left on device")
+        real(fd)
+    monkeypatch.setattr(safetensors_file.os, "fsync", fsync_until_full)
+    args = ["convert", "--from-l4jax", str(hf / "whole"), "--to-hf", str(tmp_path / "out"), "--shard-size", "0.00006"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    partial = atomic.partial_dir(tmp_path / "out")
+    assert err.startswith(f"l4jax: {partial}: writing model-00004-of-00015.safetensors ") and err.endswith(
+        "failed: [Errno 28] No space left on device; the 5 of 45 tensors written are kept there: the same command "
+        "continues from there"), err
+    monkeypatch.undo()
+    seen = assembled(monkeypatch)
+    assert main(args) == 0 and len(seen) == 40 and files(tmp_path / "out") == files(exported)

@@ -110,3 +110,14 @@ def test_two_hosts_of_h100s():
     result, planned = plan(l4jax.load_config("tiny"), target, Request("train", batch=16, seq=256,
                                                                       mesh={"fsdp": 16}))
     assert result.fits and planned["mesh"]["fsdp"] == 16
+
+
+def test_a_mesh_axis_that_splits_torus_axes():
+    """tensor=2 on a v5p 8x8x8 torus is no product of whole torus axes: jax.make_mesh refuses it, l4jax splits
+    physical axes (as MaxText's allow_split_physical_axes) and every device appears once."""
+    pytest.importorskip("libtpu", reason="needs pip install -e .[aot-tpu]")
+    from l4jax.parallel import make_mesh
+    devices = parse_target("v5p:8x8x8").device_list()
+    mesh = make_mesh(fsdp=32, expert=8, tensor=2, devices=devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "expert": 8, "tensor": 2}
+    assert len({d.id for d in mesh.devices.flat}) == 512
