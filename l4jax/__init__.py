@@ -3,15 +3,16 @@
 The public API: ``load`` / ``init`` a ``Model``, ``load_config`` and the config classes, ``make_mesh``,
 ``chat_prompt`` (the Llama 4 chat template), and the errors they raise. The packages below hold the rest: ``model``
 (the network), ``parallel`` (meshes and sharding rules), ``checkpoints`` (weights on disk), ``infer`` (the model
-handle, generation), ``train`` and ``data``.
+handle, generation), ``train`` and ``data``. Each name loads its module on first use (``_lazy``): a command
+imports only what it runs.
 """
 
-from .checkpoints import CheckpointError
-from .data.chat import chat_prompt
-from .config import ConfigError, Llama4Config, RopeScaling, TextConfig, VisionConfig, load_config
-from .infer import Model, init, load
-from .parallel import ShardingError, distributed, make_mesh
+from ._lazy import exports
 
 __version__ = "0.1.0"
-__all__ = ["Model", "init", "load", "load_config", "ConfigError", "CheckpointError", "Llama4Config", "TextConfig",
-           "VisionConfig", "RopeScaling", "make_mesh", "ShardingError", "distributed", "chat_prompt"]
+_NAMES = {"Model": ".infer", "init": ".infer", "load": ".infer", "load_config": ".config", "ConfigError": ".config",
+          "CheckpointError": ".checkpoints", "Llama4Config": ".config", "TextConfig": ".config",
+          "VisionConfig": ".config", "RopeScaling": ".config", "make_mesh": ".parallel", "ShardingError": ".parallel",
+          "distributed": ".parallel", "chat_prompt": ".data.chat"}
+__getattr__, __dir__ = exports(__name__, _NAMES)
+__all__ = sorted(_NAMES)

@@ -18,23 +18,14 @@ from . import tree
 from .checkpoints import conversion, hf_import, l4jax_format
 from .checkpoints.hf_import import CheckpointError
 from .config import ConfigError, config_path, dtype_name, load_config, read_document
-from .data.images import ImageProcessor, encode_with_images
-from .data.tokenizer import IMAGE, IncrementalDecoder, Tokenizer
-from .infer import load
-from .infer.generate import stream
-from .infer.load import abstract_model, model_config
-from .model.gmm import IMPLS
-from .model.vision import check_image_tokens
-from .parallel import make_mesh, parse_mesh, simulate_cpu_devices
-from .plan.planner import TASKS, Request, plan, to_json, to_text
-from .plan.targets import COMPILE_ONLY_ENV, PlanError, parse_target
-from .train.loop import TrainingError, run
-from .train.run_folder import RunFolderError
-from .train.lora import LoraConfig
-from .train.settings import TrainConfig
+from .plan.targets import COMPILE_ONLY_ENV, PlanError
+
+# Each command imports the rest of l4jax itself: `l4jax convert` never loads Flax, the model or the trainer
+# (~1.1 s of start-up; l4jax/_lazy.py).
 
 
 def _info(args) -> int:
+    from .infer.load import abstract_model, model_config
     cfg = model_config(args.model)
     t = cfg.text
     print(f"text decoder: {t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads} q / "
@@ -59,6 +50,7 @@ def _info(args) -> int:
 
 
 def _mesh(text: str | None):
+    from .parallel.mesh import make_mesh, parse_mesh
     return make_mesh(**parse_mesh(text)) if text else None
 
 
@@ -87,7 +79,8 @@ def _json_file(path: str, flag: str, key: str):
     return value
 
 
-def _prompt_text(args, tok: Tokenizer, n_images: int) -> str:
+def _prompt_text(args, tok, n_images: int) -> str:
+    from .data.tokenizer import IMAGE
     """The prompt as text: rendered with the model folder's chat template (--chat, --messages), or as given."""
     if (args.prompt is None) == (args.messages is None):
         raise ValueError("give either --prompt TEXT or --messages FILE")
@@ -103,6 +96,12 @@ def _prompt_text(args, tok: Tokenizer, n_images: int) -> str:
 
 
 def _generate(args) -> int:
+    from .data.images import ImageProcessor, encode_with_images
+    from .data.tokenizer import IncrementalDecoder, Tokenizer
+    from .infer import load
+    from .infer.generate import stream
+    from .infer.load import model_config
+    from .model.vision import check_image_tokens
     dtype = None if args.dtype is None else dtype_name(args.dtype, "--dtype", ("float32", "bfloat16"))
     images = args.image or []
     model_config(args.model)  # names a missing or broken model folder before the prompt is looked at
@@ -179,6 +178,11 @@ def _convert(args) -> int:
 
 
 def _train(args) -> int:
+    from .parallel.mesh import make_mesh, parse_mesh
+    from .train.loop import TrainingError, run
+    from .train.lora import LoraConfig
+    from .train.run_folder import RunFolderError
+    from .train.settings import TrainConfig
     config = load_config(args.config)
     tc = TrainConfig.from_yaml(args.config).replace(steps=args.steps, seed=args.seed, init_from=args.init_from)
     if args.lora and tc.lora is None:
@@ -199,6 +203,9 @@ def _train(args) -> int:
 
 
 def _plan(args) -> int:
+    from .parallel.mesh import parse_mesh
+    from .plan.planner import Request, plan, to_json, to_text
+    from .plan.targets import parse_target
     target = parse_target(args.target)
     req = Request(args.task, batch=args.batch, seq=args.seq, cache=args.cache,
                   mesh=parse_mesh(args.mesh) if args.mesh else {}, dtype=args.dtype, remat=args.remat,
@@ -220,6 +227,7 @@ def _compile_only() -> None:
 
 def _devices_wanted(argv: list[str]) -> int:
     """How many devices the command's mesh needs (``--mesh``, else a config's ``train.mesh``), 1 without one."""
+    from .parallel.mesh import parse_mesh
     mesh = None
     if "--mesh" in argv and argv.index("--mesh") + 1 < len(argv):
         try:
@@ -311,7 +319,7 @@ def _add_plan(sub) -> None:
     pl.add_argument("--model", required=True, help="preset, config file or HF model folder")
     pl.add_argument("--target", required=True, help="h100, h100x8, h100x8x2 (8 per host, 2 hosts), v5e:4x4, "
                                                     "v5p:4x4x4, v6e:2x2, or cpu")
-    pl.add_argument("--task", required=True, choices=TASKS)
+    pl.add_argument("--task", required=True, help="train, prefill or decode")
     pl.add_argument("--batch", type=int, default=1, help="sequences (train: per optimizer step)")
     pl.add_argument("--seq", type=int, default=2048, help="tokens per sequence (train, prefill)")
     pl.add_argument("--cache", type=int, default=None, help="KV cache slots (prefill, decode; default --seq)")
@@ -319,7 +327,7 @@ def _add_plan(sub) -> None:
     pl.add_argument("--dtype", default="bfloat16", help="bf16 or fp32: training's compute dtype (fp32 masters), "
                                                         "inference's weights")
     pl.add_argument("--remat", default="none", help="training: none, full, dots, dots_no_batch")
-    pl.add_argument("--moe-impl", default="auto", choices=("auto",) + IMPLS)
+    pl.add_argument("--moe-impl", default="auto", help="auto (the chip's), scan, ragged_dot or mgpu")
     pl.add_argument("--kv-int8", action="store_true", help="prefill and decode: an int8 KV cache")
     pl.add_argument("--objective", default="lm", choices=("lm", "dpo"),
                     help="train: next-token (lm) or DPO (a frozen reference copy of the weights and its forward)")
@@ -334,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         _compile_only()
     if args.command in ("train", "generate", "plan"):
         # On a CPU-only machine, split the host into as many XLA devices as the mesh needs (before jax starts).
+        from .parallel.mesh import simulate_cpu_devices
         simulate_cpu_devices(_devices_wanted(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)

@@ -10,8 +10,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "l4jax"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # Each package may import only from the ones to its left (and itself); the root modules are the foundation.
-LAYERS = ("config", "tree", "model", "parallel", "checkpoints", "data", "infer", "train", "plan", "plots", "cli")
+LAYERS = ("_lazy", "config", "tree", "model", "parallel", "checkpoints", "data", "infer", "train", "plan", "plots", "cli")
 OPTIONAL: set[str] = set()  # optional dependencies, which may be imported where they are used
+# The command line imports each command's modules when that command runs (`l4jax convert` never loads Flax or the
+# model: ~1.1 s of start-up); still only downward.
+LAZY = {"cli.py"}
 
 
 def _layer(module: str) -> str:
@@ -57,7 +60,7 @@ def test_module_is_short_and_its_functions_fit_a_screen(path):
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_sit_at_the_top_and_run_one_way(path):
     tree = ast.parse(path.read_text())
-    for fn in ast.walk(tree):
+    for fn in ast.walk(tree) if path.name not in LAZY else ():
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -1,9 +1,11 @@
 """The Llama 4 network as Flax linen modules: the text decoder (``decoder``), its layers (``attention``, ``moe``,
 ``layers``), their maths (``rope``, ``masks``, ``gmm``), the KV cache (``cache``), the vision tower (``vision``)
-and the logical axis names every parameter and activation carries (``axes``). Nothing here knows a mesh axis."""
+and the logical axis names every parameter and activation carries (``axes``). Nothing here knows a mesh axis.
+Each name loads its module on first use (``l4jax._lazy``)."""
 
-from .axes import Partitioning, ShardingError
-from .cache import KVCache
-from .decoder import Inputs, Llama4Text, Output
+from .._lazy import exports
 
-__all__ = ["Inputs", "KVCache", "Llama4Text", "Output", "Partitioning", "ShardingError"]
+_NAMES = {"Partitioning": ".axes", "ShardingError": ".axes", "KVCache": ".cache", "Inputs": ".decoder",
+          "Llama4Text": ".decoder", "Output": ".decoder"}
+__getattr__, __dir__ = exports(__name__, _NAMES)
+__all__ = sorted(_NAMES)

@@ -1,13 +1,12 @@
 """Where the model runs: the rules table mapping logical axes onto mesh axes (``rules``), meshes and placing host
 arrays on them (``mesh``), the shardings of every parameter (``shardings``) and multi-process helpers
-(``distributed``)."""
+(``distributed``). Each name loads its module on first use (``l4jax._lazy``)."""
 
-from ..model.axes import Partitioning, ShardingError
-from .mesh import make_mesh, pad_batch, parse_mesh, platform, put, simulate_cpu_devices
-from .rules import MESH_AXES, RULES, batch_multiple, partitioning, rules_for
-from . import distributed
-from .shardings import param_shardings
+from .._lazy import exports
 
-__all__ = ["MESH_AXES", "RULES", "Partitioning", "ShardingError", "batch_multiple", "distributed", "make_mesh",
-           "pad_batch", "param_shardings", "parse_mesh", "partitioning", "platform", "put", "rules_for",
-           "simulate_cpu_devices"]
+_NAMES = {"Partitioning": "..model.axes", "ShardingError": "..model.axes", "MESH_AXES": ".rules", "RULES": ".rules",
+          "batch_multiple": ".rules", "partitioning": ".rules", "rules_for": ".rules", "distributed": ".distributed",
+          "make_mesh": ".mesh", "pad_batch": ".mesh", "parse_mesh": ".mesh", "platform": ".mesh", "put": ".mesh",
+          "simulate_cpu_devices": ".mesh", "param_shardings": ".shardings"}
+__getattr__, __dir__ = exports(__name__, _NAMES)
+__all__ = sorted(_NAMES)
