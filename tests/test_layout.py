@@ -10,7 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "l4jax"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # Each package may import only from the ones to its left (and itself); the root modules are the foundation.
-LAYERS = ("_lazy", "config", "tree", "model", "parallel", "checkpoints", "data", "infer", "train", "plan", "plots", "cli")
+LAYERS = ("_lazy", "config", "tree", "model", "parallel", "checkpoints", "data", "infer", "train", "plan", "plots",
+          "cli")
 OPTIONAL: set[str] = set()  # optional dependencies, which may be imported where they are used
 # The command line imports each command's modules when that command runs (`l4jax convert` never loads Flax or the
 # model: ~1.1 s of start-up); still only downward.
