@@ -1,13 +1,14 @@
 """Inference benchmark: prefill tokens/s and decode ms/step, l4jax against transformers, in one run.
 
     python bench/decode.py [--config bench] [--prompt 2048] [--new 64] [--batch 1 32] [--dtype bfloat16] [--kv-int8]
-                           [--no-hf]
+                           [--quantize int8 int4] [--no-hf]
 
 Random weights of the given preset (the ``bench`` preset: hidden 2048, 8 MoE layers, 16 experts top-1, vocab
 202048). Decode is greedy, no stop token, through ``l4jax.infer.generate.stream`` (the real API: a compiled loop of
 up to 32 tokens per device call, with a donated cache). The roofline column divides the bytes a step must read
 (``plan.costs.decode_costs``: every weight a token uses, the routed experts the batch is expected to pick, and the
-cache at its fullest, int8 with its scales for the ``kv int8`` row) by the measured copy bandwidth of the device.
+cache at its fullest, int8 with its scales for the ``kv int8`` row, the weights at 1 or 0.5 bytes for the ``int8`` /
+``int4`` rows: the same random weights quantized) by the measured copy bandwidth of the device.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 
 import l4jax
 from l4jax.infer.generate import stream
+from l4jax.infer.model import Model
 from l4jax.model.gmm import IMPLS
+from l4jax.model.quant import MODES, quantize_params
 from l4jax.plan.costs import decode_costs
 
 
@@ -83,9 +86,13 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--moe-impl", default="auto", choices=("auto",) + IMPLS)
     ap.add_argument("--kv-int8", action="store_true", help="also an l4jax row with the int8 KV cache")
+    ap.add_argument("--quantize", nargs="*", default=[], choices=MODES,
+                    help="also l4jax rows with these weight quantizations (int8, int4) of the same weights")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     model = l4jax.init(args.config, dtype=jnp.dtype(args.dtype), moe_impl=args.moe_impl)
+    quantized = {m: Model(model.config, quantize_params(model.params, m), dtype=model.dtype, moe_impl=args.moe_impl)
+                 for m in args.quantize}
     cfg = model.config.text
     bw = copy_bandwidth()  # read + write of a copy: the bandwidth a weight-streaming step can use
     print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s; config {args.config}, "
@@ -94,13 +101,15 @@ def main():
           f"{'step GB':>8s} {'roofline %':>11s}")
     for b in args.batch:
         # What a step must read: the weights its tokens use and the cache at its fullest (plan/costs.py).
-        def step_bytes(kv_int8=False):
+        def step_bytes(kv_int8=False, quantize=None):
             return decode_costs(cfg, batch=b, cache=args.prompt + args.new, itemsize=jnp.dtype(args.dtype).itemsize,
-                                devices=1, kv_int8=kv_int8).bytes
+                                devices=1, kv_int8=kv_int8, quantize=quantize).bytes
 
         rows = [("l4jax", time_l4jax(model, b, args.prompt, args.new), step_bytes())]
         if args.kv_int8:
             rows.append(("l4jax kv int8", time_l4jax(model, b, args.prompt, args.new, "int8"), step_bytes(True)))
+        for m, qmodel in quantized.items():
+            rows.append((f"l4jax {m}", time_l4jax(qmodel, b, args.prompt, args.new), step_bytes(quantize=m)))
         if not args.no_hf:
             rows.append(("transformers", time_hf(args.config, b, args.prompt, args.new, args.dtype), step_bytes()))
         for name, (pre, ms), nbytes in rows:

@@ -107,7 +107,8 @@ def _generate(args) -> int:
     model_config(args.model)  # names a missing or broken model folder before the prompt is looked at
     tok = Tokenizer(args.model)
     text = _prompt_text(args, tok, len(images))
-    model = load(args.model, dtype=dtype, mesh=_mesh(args.mesh), vision=bool(images))  # the tower only with images
+    model = load(args.model, dtype=dtype, mesh=_mesh(args.mesh), vision=bool(images),  # the tower only with images
+                 quantize=args.quantize)
     pixels = None
     if images:
         processor = ImageProcessor.from_folder(args.model, model.config.vision.image_size)
@@ -209,7 +210,7 @@ def _plan(args) -> int:
     target = parse_target(args.target)
     req = Request(args.task, batch=args.batch, seq=args.seq, cache=args.cache,
                   mesh=parse_mesh(args.mesh) if args.mesh else {}, dtype=args.dtype, remat=args.remat,
-                  moe_impl=args.moe_impl, kv_int8=args.kv_int8, objective=args.objective)
+                  moe_impl=args.moe_impl, kv_int8=args.kv_int8, objective=args.objective, quantize=args.quantize)
     result, planned = plan(load_config(args.model), target, req)
     print(to_json(result, target, args.model, planned) if args.json else to_text(result, target, args.model, planned))
     if args.dump_hlo:
@@ -292,6 +293,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--mesh", default=None, help="e.g. data=1,expert=2,tensor=4 (product = device count)")
     gen.add_argument("--dtype", default=None, help="bf16 or fp32 (default: the checkpoint's)")
+    gen.add_argument("--quantize", default=None, help="int8 or int4: quantize the large weights as they are read "
+                     "(per output channel, or groups of 128 inputs); a checkpoint saved quantized needs none")
     gen.add_argument("--kv-int8", action="store_true", help="an int8 KV cache (a scale per token and kv head): "
                                                             "half the cache memory of bf16")
     gen.set_defaults(run=_generate)
@@ -329,6 +332,8 @@ def _add_plan(sub) -> None:
     pl.add_argument("--remat", default="none", help="training: none, full, dots, dots_no_batch")
     pl.add_argument("--moe-impl", default="auto", help="auto (the chip's), scan, ragged_dot or mgpu")
     pl.add_argument("--kv-int8", action="store_true", help="prefill and decode: an int8 KV cache")
+    pl.add_argument("--quantize", default=None, help="prefill and decode: int8 or int4 weights (as l4jax.load(..., "
+                    "quantize=...) holds them)")
     pl.add_argument("--objective", default="lm", choices=("lm", "dpo"),
                     help="train: next-token (lm) or DPO (a frozen reference copy of the weights and its forward)")
     pl.add_argument("--json", action="store_true", help="one JSON object (fields: l4jax/plan/planner.py)")

@@ -29,9 +29,10 @@ def put(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def leaves(tree: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(path, leaf) for every leaf of a nested-dict pytree, in jax's (sorted key) order."""
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+def leaves(tree: Any, is_leaf=None) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, leaf) for every leaf of a nested-dict pytree, in jax's (sorted key) order; ``is_leaf`` as in jax
+    (e.g. a quantized weight taken whole)."""
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
         yield tuple(str(getattr(k, "key", k)) for k in keys), leaf
 
 

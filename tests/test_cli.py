@@ -49,6 +49,21 @@ def test_generate_streams_the_same_text_as_transformers(folder, capsys, extra):
     assert len(expect) > 0
 
 
+def test_generate_quantized_streams_the_text_of_the_quantized_handle(folder, capsys):
+    """--quantize int8 loads as l4jax.load(..., quantize="int8") does: the CLI prints that handle's greedy text."""
+    import l4jax
+    path, _ = folder
+    tok, prompt = Tokenizer(path), "the quick brown fox"
+    ids = np.asarray([tok.encode(prompt, add_bos=True)])
+    out = l4jax.load(path, quantize="int8").generate(ids, max_new_tokens=10, stop_tokens=tok.stop_ids())
+    expect = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    assert main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "10",
+                 "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out == expect + "\n"
+    assert main(["generate", "--model", str(path), "--prompt", prompt, "--quantize", "int3"]) == 2
+    assert "quantize: expected one of ('int8', 'int4')" in capsys.readouterr().err
+
+
 def test_generate_continues_a_conversation_with_tools(folder, capsys, tmp_path):
     path, model = folder
     tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]

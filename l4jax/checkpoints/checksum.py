@@ -19,6 +19,15 @@ _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 _BLOCK = 1 << 22  # host elements per step: bounds the temporaries of the numpy version
 
 
+SUB_BYTE = {"int4": np.int8, "uint4": np.uint8, "int2": np.int8, "uint2": np.uint8}
+
+
+def _whole_bytes(x):
+    """A sub-byte integer array (int4: quantized weights) as the 8-bit integers of the same values, so that the
+    host (one element per byte) and a device (two per byte) sum the same words."""
+    return x.astype(SUB_BYTE[x.dtype.name]) if x.dtype.name in SUB_BYTE else x
+
+
 def _format(s1: int, s2: int) -> str:
     return f"{int(s1) & 0xFFFFFFFF:08x}{int(s2) & 0xFFFFFFFF:08x}"
 
@@ -27,6 +36,7 @@ def of_host(x: np.ndarray) -> str:
     """The checksum of a numpy array, at memory speed: the weights (i mod MOD) + 1 repeat every MOD words, so the
     words are summed per column of a [rows, MOD] view (one pass, no temporary of the tensor's size) and the MOD
     column sums weighted once. uint64 sums wrap mod 2^64, which keeps them exact mod 2^32."""
+    x = _whole_bytes(x)
     flat = np.ascontiguousarray(x).reshape(-1).view(_WORDS[x.dtype.itemsize])
     rows = flat.size // MOD
     cols = np.zeros(MOD, np.uint64)
@@ -43,6 +53,7 @@ def of_host(x: np.ndarray) -> str:
 
 @jax.jit
 def _device_sums(x: jax.Array) -> jax.Array:
+    x = _whole_bytes(x)
     w = jax.lax.bitcast_convert_type(x, jnp.dtype(_WORDS[x.dtype.itemsize])).astype(jnp.uint32)
     # (flat index mod MOD), from each axis's index and stride mod MOD: every product stays below 2^32.
     pos = jnp.zeros(x.shape, jnp.uint32)

@@ -34,7 +34,7 @@ import numpy as np
 from ..config import Llama4Config
 from . import hf_export, l4jax_format, safetensors_file
 from .atomic import atomic_dir, partial_dir
-from .read_ahead import Read, read_ahead
+from .read_ahead import Read, interleave, read_ahead
 
 PARTIAL = "l4jax.partial.json"
 FORMAT, VERSION = "l4jax-partial", 1
@@ -56,8 +56,9 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
 
     ``source`` is the folder read (its files identify the conversion; its side files are copied). The next tensors
     are read on a thread while one is written, with at most ``budget`` bytes of tensors in memory at once (default:
-    the largest tensor's, so the peak stays that of one tensor at a time). ``progress`` gets byte counts, first
-    those of the parameters an earlier attempt finished."""
+    the largest tensor's, so the peak stays that of one tensor at a time); a larger budget also reorders the reads so
+    that smaller tensors are read while a large one is written (``read_ahead.interleave``). ``progress`` gets byte
+    counts, first those of the parameters an earlier attempt finished."""
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out}: already exists; refusing to overwrite a checkpoint")
@@ -78,7 +79,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
             progress(sum(nbytes for name, (_, nbytes, _) in zip(names, reads) if name in done))
         try:
             budget = budget or max((n for _, n, _ in todo), default=0)
-            with l4jax_format.writer() as ckptr, read_ahead(todo, budget) as arrays:
+            with l4jax_format.writer() as ckptr, read_ahead(interleave(todo, budget), budget) as arrays:
                 for path, array in arrays:
                     name = "/".join(path)
                     done[name], nbytes = l4jax_format.write_param(ckptr, tmp, out, name, array)
@@ -117,6 +118,9 @@ def export_plan(src: str | Path, *, dtype=None, shard_size: int = hf_export.SHAR
     one); a checkpoint whose parameters are not its config's is one line naming them."""
     src = Path(src).absolute()
     manifest = l4jax_format.read_manifest(src)
+    if manifest.get("quantized"):
+        raise ValueError(f"{src}: its weights are stored quantized; a Hugging Face folder holds the unquantized "
+                         "model: export the checkpoint it was quantized from")
     config = Llama4Config.from_hf(manifest["config"])
     dtype = np.dtype(dtype or manifest["dtype"])
     tensors = hf_export.hf_plan(config, lambda path: dtype)

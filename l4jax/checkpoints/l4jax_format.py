@@ -1,7 +1,8 @@
 """The l4jax checkpoint format: Orbax, one item per parameter, written and read one tensor at a time.
 
     <dir>/l4jax.json        {"format": "l4jax-orbax", "version": 1, "dtype": ..., "config": <HF config dict>,
-                             "params": [parameter paths, "/"-joined], "checksums": {path: checksum.of_array}}
+                             "params": [parameter paths, "/"-joined], "checksums": {path: checksum.of_array},
+                             "quantized": {weight: {"mode", "contracted", "group"}} (only when some are)}
     <dir>/params/<path>/    an Orbax PyTree item {"value": array}, readable with ocp.StandardCheckpointer
     <dir>/tokenizer*.json   copied from the source model, when present (also generation_ and preprocessor_config)
 
@@ -57,13 +58,15 @@ def read_json_manifest(f: Path, fmt: str, version: int, what: str, error: type[E
 
 def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: str | Path, *, config: dict,
          dtype: str, side_files_from: str | Path | None = None,
-         progress: Callable[[int], None] | None = None, overwrite: bool = False) -> Path:
+         progress: Callable[[int], None] | None = None, overwrite: bool = False,
+         quantized: dict | None = None) -> Path:
     """Write (path, array) pairs as an l4jax checkpoint at ``out`` (which must not exist yet, unless
     ``overwrite``: then it is replaced once the new checkpoint is complete).
 
     Arrays may be host numpy arrays (conversion) or global jax arrays spread over several processes
     (``Model.save``): then every process calls this with the same items, writes its own shards, and process 0
     writes the manifest and moves the finished folder into place. ``progress`` gets each tensor's byte count.
+    ``quantized``: the manifest's record of quantized weights (``l4jax.model.quant.to_stored``), if any.
     """
     out = Path(out).absolute()
     with atomic_dir(out, overwrite=overwrite, what="checkpoint") as tmp:
@@ -78,7 +81,8 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
                 if progress is not None:
                     progress(nbytes)
         if jax.process_index() == 0:
-            write_manifest(tmp, names, sums, config=config, dtype=dtype, side_files_from=side_files_from)
+            write_manifest(tmp, names, sums, config=config, dtype=dtype, side_files_from=side_files_from,
+                           quantized=quantized)
     return out
 
 
@@ -93,15 +97,19 @@ def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array)
 
 
 def write_manifest(tmp: Path, names: list[str], sums: dict[str, str], *, config: dict, dtype: str,
-                   side_files_from: str | Path | None) -> None:
-    """The side files and, last, ``l4jax.json``: what makes a folder a checkpoint."""
+                   side_files_from: str | Path | None, quantized: dict | None = None) -> None:
+    """The side files and, last, ``l4jax.json``: what makes a folder a checkpoint. A quantized weight is stored as
+    two items, <name>/values and <name>/scales, and "quantized" says how ({name: {"mode", "contracted",
+    "group"}}; absent when nothing is)."""
     if side_files_from is not None:
         for f in SIDE_FILES:
             if (Path(side_files_from) / f).is_file():
                 shutil.copy2(Path(side_files_from) / f, tmp / f)
-    (tmp / MANIFEST).write_text(json.dumps(
-        {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
-         "checksums": sums}, indent=1))
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
+                "checksums": sums}
+    if quantized:
+        manifest["quantized"] = quantized
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def first_line(e: BaseException) -> str:
@@ -157,10 +165,12 @@ def _check_sum(path: Path, name: str, value, sums: dict[str, str]) -> None:
 
 
 def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None,
-            ignore: tuple[str, ...] = ()) -> dict:
+            ignore: tuple[str, ...] = (), each: Callable | None = None, exact: tuple[str, ...] = ()) -> dict:
     """Read every parameter of ``abstract`` (ShapeDtypeStructs in the stored dtype) onto its sharding, one at a
     time, cast to ``dtype`` when given. Stored parameters under the top-level names in ``ignore`` are left unread
-    (a text-only load of a multimodal checkpoint ignores ``vision_model`` and ``projector``)."""
+    (a text-only load of a multimodal checkpoint ignores ``vision_model`` and ``projector``). ``each(path, value)``
+    replaces each value as it is read (a quantizing load), before the next one is. Parameters under the names in
+    ``exact`` are never cast (a quantized weight's values and scales)."""
     path = Path(path).absolute()
     manifest = read_manifest(path)
     names, sums = {n for n in manifest["params"] if n.split("/")[0] not in ignore}, manifest.get("checksums", {})
@@ -182,7 +192,8 @@ def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dty
                 raise ValueError(f"{path}: cannot restore parameter {name!r} as {leaf.shape} {leaf.dtype} (missing "
                                  f"or damaged): {first_line(e)}") from e
             _check_sum(path, name, value, sums)
-            if dtype is not None and value.dtype != dtype:
+            if dtype is not None and value.dtype != dtype and not name.startswith(exact):
                 value = value.astype(dtype)
-            tree.put(params, keys, value)
+            tree.put(params, keys, value if each is None or name.startswith(exact) else each(keys, value))
+            del value
     return params

@@ -9,6 +9,7 @@ than the budget still goes through, alone).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -63,3 +64,20 @@ def read_ahead(todo: list[Read], budget: int) -> Iterator[Iterator[tuple[K, np.n
             stop.set()
             cond.notify()
         thread.join()
+
+
+def interleave(todo: list[Read], budget: int) -> list[Read]:
+    """``todo`` reordered so that reading can overlap writing under ``budget``: two tensors larger than half the
+    budget can never be held together, so after each such one come the smaller tensors (in their order) that fit
+    beside it, read while it is written; whatever is left follows at the end. The written result does not depend
+    on the order (a checkpoint lists its parameters in their own order)."""
+    big = [r for r in todo if 2 * r[1] > budget]
+    small = collections.deque(r for r in todo if 2 * r[1] <= budget)
+    out = []
+    for r in big:
+        out.append(r)
+        room = budget - r[1]
+        while small and small[0][1] <= room:
+            room -= small[0][1]
+            out.append(small.popleft())
+    return out + list(small)

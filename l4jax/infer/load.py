@@ -15,7 +15,9 @@ from ..checkpoints.read_ahead import read_ahead
 from ..config import Llama4Config, TextConfig, load_config
 from ..model.decoder import Llama4Text, abstract_params, init_params
 from ..model.vision import VISION_PARAMS, ImageEncoder, abstract_vision_params, init_vision_params
+from ..model.quant import MODES, QArray, abstract_stored, contracted_axes, from_stored, quantize as quantize_weight
 from ..parallel import param_shardings, partitioning, put
+from ..parallel.shardings import quantized_sharding
 from .model import Model
 
 
@@ -74,7 +76,7 @@ def init(config: Llama4Config | TextConfig | str, *, dtype=jnp.float32, seed: in
 
 
 def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", attention_impl: str = "auto",
-         vision: bool | None = None) -> Model:
+         vision: bool | None = None, quantize: str | None = None) -> Model:
     """Load an HF Llama 4 folder (config.json + safetensors, single or sharded) or an l4jax checkpoint written by
     ``l4jax convert``.
 
@@ -84,11 +86,16 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
     tensor is placed on its sharding as it is read, so no device holds the whole model; with several processes
     (``l4jax.parallel.distributed``) every process reads the checkpoint and places only the shards of its own
     devices. ``moe_impl`` and ``attention_impl`` override the kernels of the mesh's chip (``l4jax.model.kernels``).
+    ``quantize="int8"`` or ``"int4"`` quantizes the text decoder's large matmul weights as they are read
+    (``l4jax.model.quant``: per output channel, or groups of 128 inputs), before they reach a device; ``dtype`` is
+    then the compute dtype and that of the weights left as they are.
     """
     path = Path(path)
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"quantize: expected one of {MODES} or None, got {quantize!r}")
     kernels = dict(moe_impl=moe_impl, attention_impl=attention_impl)
     if l4jax_format.is_checkpoint(path):
-        return _load_l4jax(path, dtype, mesh, kernels, vision)
+        return _load_l4jax(path, dtype, mesh, kernels, vision, quantize)
     config = _resolve_vision(load_config(path), vision, path)
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(hf_import.checkpoint_dtype(path))
     expected = abstract_model(config, dtype)
@@ -103,10 +110,37 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
             if host.shape != want.shape:  # a converter bug, not a user error
                 raise AssertionError(f"{'/'.join(p)}: converted shape {host.shape} != model shape {want.shape}")
             # One tensor at a time; with a mesh each device receives only its shard (each process places its own).
-            tree.put(params, p, put(host, None if shardings is None else tree.get(shardings, p)))
+            tree.put(params, p, _place(host, p, shardings, quantize))
             del host
     text, vision_params = _split(config, params)
     return Model(config, text, dtype=dtype, mesh=mesh, vision_params=vision_params, **kernels)
+
+
+def _place(host, path: tuple[str, ...], shardings: dict | None, quantize: str | None):
+    """One parameter onto its sharding (or the one device), quantized first on the host when asked and it is one
+    of the weights that get quantized (``quant.contracted_axes``)."""
+    sh = None if shardings is None else tree.get(shardings, path)
+    axes = None if quantize is None or path[0] in VISION_PARAMS else contracted_axes(path)
+    if axes is None:
+        return host if isinstance(host, jax.Array) else put(host, sh)
+    q = quantize_weight(host, axes, quantize)  # on the host for a host array, else where the array is
+    qsh = None if sh is None else quantized_sharding(sh, q, path)
+    if isinstance(host, jax.Array):
+        return jax.device_put(q, qsh) if qsh is not None else q
+    return dataclasses.replace(q, values=put(q.values, qsh and qsh.values), scales=put(q.scales, qsh and qsh.scales))
+
+
+def _stored_shardings(shardings: dict, abstract: dict, meta: dict) -> dict:
+    """Shardings for a checkpoint's quantized weights as stored ({"values", "scales"}): those of the weight's
+    QArray (``quantized_sharding``)."""
+    updates = {}
+    for name, m in meta.items():
+        path = tuple(name.split("/"))
+        node = tree.get(abstract, path)
+        q = QArray(node["values"], node["scales"], tuple(m["contracted"]), m["group"])
+        qsh = quantized_sharding(tree.get(shardings, path), q, path)
+        updates[path] = {"values": qsh.values, "scales": qsh.scales}
+    return tree.replace(shardings, updates)
 
 
 def model_config(path: str | Path) -> Llama4Config:
@@ -117,7 +151,7 @@ def model_config(path: str | Path) -> Llama4Config:
     return load_config(path)
 
 
-def _load_l4jax(path: Path, dtype, mesh, kernels: dict, vision: bool | None) -> Model:
+def _load_l4jax(path: Path, dtype, mesh, kernels: dict, vision: bool | None, quantize: str | None) -> Model:
     manifest = l4jax_format.read_manifest(path)
     config = _resolve_vision(model_config(path), vision, path)
     stored = jnp.dtype(manifest["dtype"])
@@ -126,7 +160,17 @@ def _load_l4jax(path: Path, dtype, mesh, kernels: dict, vision: bool | None) -> 
         raise ValueError(f"{path}: the config has a vision_config but the checkpoint holds no vision weights "
                          f"(converted text-only?); load it with vision=False")
     shardings = None if mesh is None else param_shardings(config, partitioning(config.text, mesh), dtype)
-    restored = l4jax_format.restore(path, abstract_model(config, stored), shardings, dtype,
-                                    ignore=VISION_PARAMS if config.vision is None else ())
-    text, vision_params = _split(config, restored)
+    meta = manifest.get("quantized", {})  # weights stored quantized: read as they are
+    modes = sorted({m["mode"] for m in meta.values()})
+    if quantize is not None and modes and modes != [quantize]:
+        raise ValueError(f"{path}: its weights are stored quantized to {', '.join(modes)}; quantize={quantize!r} "
+                         "cannot be applied on top (load it without quantize)")
+    abstract = abstract_stored(abstract_model(config, stored), meta)
+    if shardings is not None and meta:
+        shardings = _stored_shardings(shardings, abstract, meta)
+    restored = l4jax_format.restore(path, abstract, shardings, dtype,
+                                    ignore=VISION_PARAMS if config.vision is None else (),
+                                    each=None if quantize is None else lambda p, v: _place(v, p, shardings, quantize),
+                                    exact=tuple(f"{name}/" for name in meta))
+    text, vision_params = _split(config, from_stored(restored, meta))
     return Model(config, text, dtype=dtype, mesh=mesh, vision_params=vision_params, **kernels)

@@ -22,8 +22,10 @@ from ..config import Llama4Config
 from ..model.axes import ACT_VOCAB, BATCH, LENGTH
 from ..model.decoder import Inputs, Llama4Text
 from ..model.kernels import Kernels
+from ..model.quant import to_stored
 from ..model.vision import check_image_tokens, check_pixels, fuse_images
 from ..parallel import pad_batch, param_shardings, partitioning, platform, put
+from ..parallel.shardings import for_params
 from . import generate as generation
 from .inputs import check_tokens
 
@@ -51,7 +53,7 @@ class Model:
         tokens, whole = self.part.sharding((BATCH, LENGTH)), NamedSharding(mesh, P())
         logits = self.part.sharding((BATCH, LENGTH, ACT_VOCAB))
         shardings = param_shardings(config, self.part, self.dtype)
-        text = {k: v for k, v in shardings.items() if k in params}
+        text = for_params({k: v for k, v in shardings.items() if k in params}, params)  # quantized weights too
         self._forward = jax.jit(self._apply, in_shardings=(text, tokens, tokens), out_shardings=logits)
         if vision_params is not None:
             vision = {k: v for k, v in shardings.items() if k in vision_params}
@@ -157,11 +159,12 @@ class Model:
         writes only its own shards. ``side_files_from``: a folder whose tokenizer and generation files are copied
         beside the weights. The checkpoint appears at ``path`` whole or not at all; ``overwrite`` replaces an
         existing one (only once the new one is complete)."""
-        items = tree.leaves({**self.params, **(self.vision_params or {})})
+        # Quantized weights are stored as they are (values and scales), so loading never quantizes them again.
+        stored, quantized = to_stored({**self.params, **(self.vision_params or {})})
         # A model without its vision weights is saved as the text-only model it is.
         config = self.config if self.vision_params is not None else dataclasses.replace(self.config, vision=None)
-        return l4jax_format.save(items, path, config=config.to_hf(), dtype=self.dtype.name,
-                                 side_files_from=side_files_from, overwrite=overwrite)
+        return l4jax_format.save(tree.leaves(stored), path, config=config.to_hf(), dtype=self.dtype.name,
+                                 side_files_from=side_files_from, overwrite=overwrite, quantized=quantized)
 
     def save_pretrained(self, path: str | Path, *, shard_size: int = hf_export.SHARD_SIZE,
                         hf_config: dict | None = None, side_files_from: str | Path | None = None,
@@ -171,6 +174,10 @@ class Model:
         ``l4jax.checkpoints.hf_export``. ``hf_config``: the config.json to write (default: this config's
         ``to_hf()``). Same ``side_files_from`` and ``overwrite`` as ``save``."""
         config = self.config if self.vision_params is not None else dataclasses.replace(self.config, vision=None)
+        _, quantized = to_stored(self.params)
+        if quantized:
+            raise ValueError(f"save_pretrained: the weights are quantized ({len(quantized)} of them); Hugging Face "
+                             "folders hold the unquantized model: save it before quantizing (or use save)")
         return hf_export.save_hf(config, {**self.params, **(self.vision_params or {})}, path, shard_size=shard_size,
                                  hf_config=hf_config, side_files_from=side_files_from, overwrite=overwrite)
 

@@ -27,14 +27,27 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
 
+from .quant import QArray, take
+
 IMPLS = ("scan", "ragged_dot", "mgpu")
 # The Mosaic GPU kernels' blocks: the fastest of those tried on an H200 at the bench shapes (bench/kernels.py).
 MGPU_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
 MGPU_DTYPES = ("bfloat16", "float16")
 
 
-def gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, *, impl: str = "scan", tile: int = 128) -> jax.Array:
-    """x [M, K] rows sorted by group; w [G, K, N]; sizes [G] int with sum <= M -> [M, N] (rows past sum are 0)."""
+def gmm(x: jax.Array, w: jax.Array | QArray, sizes: jax.Array, *, impl: str = "scan", tile: int = 128
+        ) -> jax.Array:
+    """x [M, K] rows sorted by group; w [G, K, N]; sizes [G] int with sum <= M -> [M, N] (rows past sum are 0).
+
+    A quantized w (``quant.QArray``, inference) goes through the tile schedule, each visit dequantizing only its
+    group's weight (never the whole stack), except for ``ragged_dot`` (TPU), which takes the dequantized stack."""
+    if isinstance(w, QArray):
+        if impl == "ragged_dot":
+            return gmm(x, w.dequantize(x.dtype), sizes, impl=impl, tile=tile)
+        if impl not in IMPLS:
+            raise ValueError(f"unknown gmm impl {impl!r}; expected one of {IMPLS}")
+        tile = max(8, min(tile, -(-x.shape[0] // 8) * 8))
+        return _gmm_impl(jnp.asarray(x), w, jnp.asarray(sizes).astype(jnp.int32), tile)
     x, w, sizes = jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w, sizes.astype(jnp.int32),
@@ -87,12 +100,13 @@ def _gmm_impl(x, w, sizes, tile, transpose_w=False):
     xp, num_tiles = _tiles(x, tile)
     group, tile_id, valid, starts, ends = _schedule(sizes, num_tiles, tile)
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
-    out_dtype = jnp.result_type(x, w)
+    w_dtype = x.dtype if isinstance(w, QArray) else w.dtype
+    out_dtype = jnp.result_type(x.dtype, w_dtype)
 
     def visit(out, v):
         g, t = group[v], tile_id[v]
         xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
-        y = jax.lax.dot_general(xt, w[g], dims, preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(xt, take(w, g, w_dtype), dims, preferred_element_type=jnp.float32)
         y = jnp.where(_row_mask(t, g, valid[v], starts, ends, tile)[:, None], y, 0).astype(out_dtype)
         cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + y, t * tile, 0), None

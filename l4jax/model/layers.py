@@ -15,16 +15,21 @@ import jax
 import jax.numpy as jnp
 
 from .axes import ACT_MLP, BATCH, EMBED, LENGTH, MLP as MLP_AXIS, NORM, Partitioning
+from .quant import QArray, weight
 
 INIT = nn.initializers.normal(0.02)
 
 
 def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
-          init: Callable = INIT, dtype=None) -> jax.Array:
+          init: Callable = INIT, dtype=None, quantized: bool = False) -> jax.Array | QArray:
     """Declare ``module``'s parameter ``name`` [shape] on logical ``axes``, stored in ``module.param_dtype``,
-    returned cast to ``dtype`` (default ``module.dtype``, the compute dtype)."""
+    returned cast to ``dtype`` (default ``module.dtype``, the compute dtype). A weight stored quantized
+    (``quant.QArray``) is returned dequantized, or as it is with ``quantized=True`` (for a caller that
+    dequantizes only the part it reads: the MoE's experts)."""
     w = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), module.param_dtype)
-    return w.astype(module.dtype if dtype is None else dtype)
+    if quantized and isinstance(w, QArray):
+        return w
+    return weight(w, module.dtype if dtype is None else dtype)
 
 
 def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:

@@ -13,6 +13,8 @@ and ``all_gather`` (the latter for FSDP's model dimension), which XLA:CPU has, a
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from .axes import ACT_EMBED, BATCH, EMBED, EXPERT, EXPERT_MLP, LENGTH, Partitioning, ShardingError
 from .gmm import gmm
 from .layers import MLP, param, project
+from .quant import QArray, take, weight, with_scales
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -83,14 +86,16 @@ def routed_experts(x: jax.Array, scores: jax.Array, experts: jax.Array, gate: ja
 def _gathered(xs: jax.Array, e: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """xs [M, D] through expert e[m] each, reading only those experts' weights."""
     f32 = dict(preferred_element_type=jnp.float32)  # fp32 products keep XLA from rewriting a one-row product
-    h = jax.nn.silu(jnp.einsum("md,mdf->mf", xs, gate[e], **f32)) * jnp.einsum("md,mdf->mf", xs, up[e], **f32)
-    return jnp.einsum("mf,mfd->md", h.astype(xs.dtype), down[e], **f32).astype(xs.dtype)
+    gate, up, down = (take(w, e, xs.dtype) for w in (gate, up, down))
+    h = jax.nn.silu(jnp.einsum("md,mdf->mf", xs, gate, **f32)) * jnp.einsum("md,mdf->mf", xs, up, **f32)
+    return jnp.einsum("mf,mfd->md", h.astype(xs.dtype), down, **f32).astype(xs.dtype)
 
 
 def _dense(xs: jax.Array, e: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """xs [M, D] through every expert (each weight read once), keeping expert e[m]'s output of row m."""
     # One batched matmul per weight, the expert axis as its batch axis: the weights are read in their stored layout
     # (a "md,edf->mef" contraction makes XLA transpose every expert matrix first, each step).
+    gate, up, down = (weight(w, xs.dtype) for w in (gate, up, down))  # every expert is read anyway
     xe = jnp.broadcast_to(xs, (gate.shape[0],) + xs.shape)                        # [E, M, D]
     h = jax.nn.silu(project("emd,edf->emf", xe, gate)) * project("emd,edf->emf", xe, up)
     h = h * jax.nn.one_hot(e, gate.shape[0], dtype=h.dtype).T[:, :, None]  # only the chosen expert goes on
@@ -133,12 +138,12 @@ def routed_experts_sharded(x: jax.Array, scores: jax.Array, experts: jax.Array, 
         raise ShardingError(f"expert: {gate.shape[0]} experts are not divisible by mesh axes {ex} "
                                   f"(size {n_ex})")
 
+    whole = (gate, up, down)
+
     def local(x, scores, experts, gate, up, down):
         # FSDP: weights arrive with the model dimension split; gather it back (this layer's local experts only).
         if embed:
-            gate = jax.lax.all_gather(gate, embed, axis=1, tiled=True)
-            up = jax.lax.all_gather(up, embed, axis=1, tiled=True)
-            down = jax.lax.all_gather(down, embed, axis=2, tiled=True)
+            gate, up, down = (_all_gather(w, embed, a, of) for w, a, of in zip((gate, up, down), (1, 1, 2), whole))
         b, T, D = x.shape
         first = jax.lax.axis_index(ex) * gate.shape[0] if ex else 0
         y = routed_experts(x.reshape(b * T, D), scores.reshape(b * T, -1), experts.reshape(b * T, -1), gate, up,
@@ -148,8 +153,20 @@ def routed_experts_sharded(x: jax.Array, scores: jax.Array, experts: jax.Array, 
     tspec = P(part.spec((BATCH, LENGTH, ACT_EMBED))[0], None, None)
     # check_vma=False: gmm's scan carries start as (device-invariant) zeros while its updates vary per device,
     # which the varying-axes checker rejects; the psum above is what makes the result replicated.
-    return jax.shard_map(local, mesh=mesh, in_specs=(tspec, tspec, tspec, w_in, w_in, w_out), out_specs=tspec,
-                         check_vma=False)(x, scores, experts, gate, up, down)
+    specs = (tspec, tspec, tspec, with_scales(gate, w_in), with_scales(up, w_in), with_scales(down, w_out))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tspec, check_vma=False)(
+        x, scores, experts, gate, up, down)
+
+
+def _all_gather(w: jax.Array | QArray, axes: tuple[str, ...], axis: int, whole) -> jax.Array | QArray:
+    """The whole of w's ``axis`` from its shards over mesh ``axes``; a QArray's scales too where they are split
+    (``whole``, the weight outside the shard_map, says: one scale per output channel is never split along an input
+    axis)."""
+    if not isinstance(w, QArray):
+        return jax.lax.all_gather(w, axes, axis=axis, tiled=True)
+    split = whole.scales.shape[axis] > 1
+    scales = jax.lax.all_gather(w.scales, axes, axis=axis, tiled=True) if split else w.scales
+    return dataclasses.replace(w, values=jax.lax.all_gather(w.values, axes, axis=axis, tiled=True), scales=scales)
 
 
 class MoE(nn.Module):
@@ -168,9 +185,10 @@ class MoE(nn.Module):
         B, T, D = x.shape
         E, F, k = self.num_experts, self.hidden, self.top_k
         router = param(self, "router", (D, E), (EMBED, None))                  # "nd,de->ne"
-        gate = param(self, "gate", (E, D, F), (EXPERT, EMBED, EXPERT_MLP))  # "md,edf->mf"
-        up = param(self, "up", (E, D, F), (EXPERT, EMBED, EXPERT_MLP))      # "md,edf->mf"
-        down = param(self, "down", (E, F, D), (EXPERT, EXPERT_MLP, EMBED))  # "mf,efd->md"
+        # Quantized experts stay quantized here: each path dequantizes only the experts it reads.
+        gate = param(self, "gate", (E, D, F), (EXPERT, EMBED, EXPERT_MLP), quantized=True)  # "md,edf->mf"
+        up = param(self, "up", (E, D, F), (EXPERT, EMBED, EXPERT_MLP), quantized=True)      # "md,edf->mf"
+        down = param(self, "down", (E, F, D), (EXPERT, EXPERT_MLP, EMBED), quantized=True)  # "mf,efd->md"
         flat = x.reshape(B * T, D)
         with jax.named_scope("router"):
             scores, experts = route(flat, router, k)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import Llama4Config
-from ..model.axes import Partitioning
+from .. import tree
+from ..model.axes import Partitioning, ShardingError
 from ..model.decoder import Llama4Text, abstract_params
+from ..model.quant import QArray, scales_spec
 from ..model.vision import ImageEncoder, abstract_vision_params
 from .rules import axes_size
 
@@ -36,3 +40,23 @@ def param_shardings(config: Llama4Config, part: Partitioning, dtype=jnp.float32)
 
     vision = jax.tree.map(fit, nn.get_partition_spec(boxed), nn.meta.unbox(boxed), is_leaf=lambda x: isinstance(x, P))
     return {**out, **vision}
+
+
+def for_params(shardings: dict, params: dict) -> dict:
+    """``shardings`` (one NamedSharding per parameter) shaped like ``params``: a quantized weight (``QArray``) gets a
+    QArray of shardings (``quantized_sharding``)."""
+    found = {path: quantized_sharding(tree.get(shardings, path), q, path)
+             for path, q in tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)) if isinstance(q, QArray)}
+    return tree.replace(shardings, found) if found else shardings
+
+
+def quantized_sharding(sh: NamedSharding, q: QArray, path: tuple[str, ...]) -> QArray:
+    """The shardings of a quantized weight placed like the weight ``sh``: its values on ``sh``, its scales the same
+    but replicated along their size-1 axes. A scale axis that its mesh axes do not divide is a ShardingError naming
+    the parameter."""
+    spec = scales_spec(sh.spec, q.scales.shape)
+    for axis, (entry, n) in enumerate(zip(spec, q.scales.shape)):
+        if entry is not None and n % axes_size(sh.mesh, entry):
+            raise ShardingError(f"{'/'.join(path)}: its {n} int4 scale groups along axis {axis} do not split over mesh "
+                                f"axes {entry} (size {axes_size(sh.mesh, entry)}); use int8 or another mesh")
+    return dataclasses.replace(q, values=sh, scales=NamedSharding(sh.mesh, spec))

@@ -87,17 +87,23 @@ def train_costs(cfg: TextConfig, *, batch: int, seq: int, param_bytes: int, comp
     return Costs(flops * batch * seq, n * (6 * param_bytes + (3 if reference else 2) * compute_bytes), devices)
 
 
+# Bytes per weight element of a quantized model's matmul weights (its scales are <1% more).
+WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5}
+
+
 def prefill_costs(cfg: TextConfig, *, batch: int, seq: int, cache: int, itemsize: int, devices: int,
-                  kv_int8: bool = False) -> Costs:
-    """The prompt's forward: every weight read once (a long prompt picks every expert), the cache written."""
-    read = weights(cfg).read(experts_touched(cfg, batch * seq))
+                  kv_int8: bool = False, quantize: str | None = None) -> Costs:
+    """The prompt's forward: every weight read once (a long prompt picks every expert), the cache written.
+    ``quantize``: the weights read at int8 or int4 size (the few left unquantized, norms and router, included)."""
+    read = weights(cfg).read(experts_touched(cfg, batch * seq)) * WEIGHT_BYTES.get(quantize, itemsize)
     kv = cache_bytes(cfg, batch, cache, 1, scales=True) if kv_int8 else cache_bytes(cfg, batch, cache, itemsize)
-    return Costs(forward_flops_per_token(cfg, seq) * batch * seq, read * itemsize + kv, devices)
+    return Costs(forward_flops_per_token(cfg, seq) * batch * seq, read + kv, devices)
 
 
 def decode_costs(cfg: TextConfig, *, batch: int, cache: int, itemsize: int, devices: int,
-                 kv_int8: bool = False) -> Costs:
-    """One token per row after a full cache: the weights of the experts picked and the whole cache read."""
-    read = weights(cfg).read(experts_touched(cfg, batch))
+                 kv_int8: bool = False, quantize: str | None = None) -> Costs:
+    """One token per row after a full cache: the weights of the experts picked (at int8 or int4 size with
+    ``quantize``) and the whole cache read."""
+    read = weights(cfg).read(experts_touched(cfg, batch)) * WEIGHT_BYTES.get(quantize, itemsize)
     kv = cache_bytes(cfg, batch, cache, 1, scales=True) if kv_int8 else cache_bytes(cfg, batch, cache, itemsize)
-    return Costs(decode_flops_per_token(cfg, cache - 1) * batch, read * itemsize + kv, devices)
+    return Costs(decode_flops_per_token(cfg, cache - 1) * batch, read + kv, devices)

@@ -19,6 +19,7 @@ import json
 import jax.numpy as jnp
 
 from ..config import Llama4Config, dtype_name
+from ..model.quant import MODES
 from ..parallel import make_mesh
 from ..train.settings import TrainConfig
 from . import costs as costs_lib
@@ -42,6 +43,7 @@ class Request:
     remat: str = "none"
     moe_impl: str = "auto"
     kv_int8: bool = False  # prefill and decode: an int8 KV cache
+    quantize: str | None = None  # prefill and decode: int8 or int4 weights (l4jax.model.quant)
     objective: str = "lm"  # train: "lm" or "dpo" (a frozen reference copy of the weights, its forward in the step)
 
     def __post_init__(self):
@@ -53,6 +55,8 @@ class Request:
                 raise PlanError(f"--{name}: must be a positive integer, got {v!r}")
         if self.kv_int8 and self.task == "train":
             raise PlanError("--kv-int8: an inference cache setting (tasks prefill and decode), not for train")
+        if self.quantize is not None and (self.quantize not in MODES or self.task == "train"):
+            raise PlanError(f"--quantize {self.quantize!r}: {' or '.join(MODES)}, for tasks prefill and decode")
         if self.objective not in ("lm", "dpo") or (self.objective == "dpo" and self.task != "train"):
             raise PlanError(f"--objective {self.objective!r}: lm or dpo, and dpo with --task train only")
         object.__setattr__(self, "dtype", dtype_name(self.dtype, "--dtype", ("float32", "bfloat16")))
@@ -77,18 +81,19 @@ def plan(config: Llama4Config, target: Target, req: Request) -> tuple[Plan, dict
                                      devices=target.devices, reference=dpo)
     elif req.task == "prefill":
         program = prefill_program(config, mesh, batch=req.batch, seq=req.seq, cache=cache, dtype=req.dtype,
-                                  moe_impl=req.moe_impl, kv_dtype=kv_dtype)
+                                  moe_impl=req.moe_impl, kv_dtype=kv_dtype, quantize=req.quantize)
         cost = costs_lib.prefill_costs(cfg, batch=req.batch, seq=req.seq, cache=cache, itemsize=itemsize,
-                                       devices=target.devices, kv_int8=req.kv_int8)
+                                       devices=target.devices, kv_int8=req.kv_int8, quantize=req.quantize)
     else:
         program = decode_program(config, mesh, batch=req.batch, cache=cache, dtype=req.dtype, moe_impl=req.moe_impl,
-                                 kv_dtype=kv_dtype)
+                                 kv_dtype=kv_dtype, quantize=req.quantize)
         cost = costs_lib.decode_costs(cfg, batch=req.batch, cache=cache, itemsize=itemsize, devices=target.devices,
-                                      kv_int8=req.kv_int8)
+                                      kv_int8=req.kv_int8, quantize=req.quantize)
     shapes = {"batch": req.batch, "seq": req.seq if req.task != "decode" else 1, "cache": None if req.task == "train"
               else cache, "dtype": req.dtype, "remat": req.remat if req.task == "train" else None,
               "moe_impl": req.moe_impl, "kv_dtype": None if req.task == "train" else "int8" if req.kv_int8
-              else req.dtype, "objective": req.objective if req.task == "train" else None}
+              else req.dtype, "objective": req.objective if req.task == "train" else None,
+              "quantize": req.quantize}
     return compile_plan(program, target, cost), {"task": req.task, "mesh": dict(mesh.shape), "shapes": shapes,
                                                  "held_per_device": held_bytes(program)}
 

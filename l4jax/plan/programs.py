@@ -18,7 +18,9 @@ from ..model.axes import ACT_VOCAB, BATCH, LENGTH, ShardingError
 from ..model.cache import KVCache
 from ..model.decoder import Inputs, Llama4Text
 from ..model.kernels import Kernels
+from ..model.quant import abstract_quantized
 from ..parallel import batch_multiple, param_shardings, partitioning, platform
+from ..parallel.shardings import for_params
 from ..train.settings import TrainConfig
 from ..train.step import BATCH_KEYS, Trainer
 
@@ -64,25 +66,29 @@ def train_program(config: Llama4Config, tc: TrainConfig, mesh) -> Program:
     return Program(trainer._step, (state, frozen, {}, batch), held=held)  # fixed: no teacher, no images
 
 
-def _inference(config: Llama4Config, mesh, dtype, moe_impl: str):
+def _inference(config: Llama4Config, mesh, dtype, moe_impl: str, quantize: str | None = None):
     """(module, abstract params, the partitioning) of the text decoder for inference in ``dtype``, with the kernels
-    of the mesh's chip (as ``l4jax.load`` picks them)."""
+    of the mesh's chip (as ``l4jax.load`` picks them); with ``quantize``, its large weights quantized as
+    ``l4jax.load(..., quantize=...)`` holds them."""
     text = dataclasses.replace(config, vision=None)
     part = partitioning(config.text, mesh)
-    params = _abstract(abstract_model(text, dtype), param_shardings(text, part, dtype))
+    shapes = abstract_model(text, dtype)
+    if quantize is not None:
+        shapes = abstract_quantized(shapes, quantize)
+    params = _abstract(shapes, for_params(param_shardings(text, part, dtype), shapes))
     module = Llama4Text(config.text, part, Kernels.for_platform(platform(mesh), moe=moe_impl), dtype=dtype,
                         param_dtype=dtype)
     return module, params, part
 
 
 def prefill_program(config: Llama4Config, mesh, *, batch: int, seq: int, cache: int, dtype=jnp.bfloat16,
-                    moe_impl: str = "auto", kv_dtype=None) -> Program:
+                    moe_impl: str = "auto", kv_dtype=None, quantize: str | None = None) -> Program:
     """``generate``'s prefill: a [batch, seq] prompt into an empty cache of ``cache`` slots (of ``kv_dtype``,
     default ``dtype``)."""
     _check_batch(batch, mesh)
     if cache < seq:
         raise ShardingError(f"--cache {cache} is shorter than the prompt --seq {seq}")
-    module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl)
+    module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl, quantize)
     tokens = part.sharding((BATCH, LENGTH))
     inputs = Inputs(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tokens),
                     jax.ShapeDtypeStruct((batch, cache), jnp.int32, sharding=tokens))
@@ -91,12 +97,13 @@ def prefill_program(config: Llama4Config, mesh, *, batch: int, seq: int, cache: 
 
 
 def decode_program(config: Llama4Config, mesh, *, batch: int, cache: int, dtype=jnp.bfloat16,
-                   moe_impl: str = "auto", chunk: int = DECODE_CHUNK, kv_dtype=None) -> Program:
+                   moe_impl: str = "auto", chunk: int = DECODE_CHUNK, kv_dtype=None,
+                   quantize: str | None = None) -> Program:
     """``generate``'s decode loop (greedy): up to ``chunk`` tokens per row in one call, onto a cache of ``cache``
     slots (of ``kv_dtype``, default ``dtype``). The program's memory is the loop's; per-token figures (FLOPs,
     bytes) are one trip's."""
     _check_batch(batch, mesh)
-    module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl)
+    module, params, part = _inference(config, mesh, jnp.dtype(dtype), moe_impl, quantize)
     whole = NamedSharding(mesh, P())
     rows, tokens = part.sharding((BATCH,)), part.sharding((BATCH, LENGTH))
     key = jax.eval_shape(lambda: jax.random.key(0))

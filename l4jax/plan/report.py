@@ -38,7 +38,8 @@ class Plan:
 def summarize(hlo: str) -> dict[str, object]:
     """Counts of the optimized program's instructions: kernels (fusions and custom calls), control flow, copies,
     collectives by kind (async starts counted once), and the custom-call targets."""
-    ops = collections.Counter(re.findall(r"= (?:\([^()]*\)|\S+) ([a-z][a-z-]*)\(", hlo))
+    # A tuple type may hold layouts with parentheses (int4's "{1,0:E(4)}"): one level of nesting.
+    ops = collections.Counter(re.findall(r"= (?:\((?:[^()]|\([^()]*\))*\)|\S+) ([a-z][a-z-]*)\(", hlo))
     collectives = {c: ops[c] + ops[f"{c}-start"] for c in COLLECTIVES if ops[c] + ops[f"{c}-start"]}
     targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))
     body = traffic.loop_body(hlo)
@@ -80,9 +81,14 @@ def device_bytes(tree) -> int:
             # A PRNG key's dtype has no itemsize of its own: it is stored as its key data (2 x uint32).
             data = jax.eval_shape(jax.random.key_data, leaf) if jax.dtypes.issubdtype(
                 leaf.dtype, jax.dtypes.prng_key) else leaf
-            total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * math.prod(data.shape[len(leaf.shape):]) * \
-                jnp.dtype(data.dtype).itemsize
-    return total
+            n = math.prod(leaf.sharding.shard_shape(leaf.shape)) * math.prod(data.shape[len(leaf.shape):])
+            total += n * _itemsize(jnp.dtype(data.dtype), next(iter(leaf.sharding.device_set)).platform)
+    return int(total)
+
+
+def _itemsize(dtype, platform: str) -> float:
+    """Bytes per element where the arrays live: GPUs and TPUs pack int4 two to a byte, the CPU stores one per byte."""
+    return 0.5 if dtype.name in ("int4", "uint4") and platform != "cpu" else dtype.itemsize
 
 
 def compile_plan(program: Program, target: Target, costs: Costs) -> Plan:

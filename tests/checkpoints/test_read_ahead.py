@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from l4jax.checkpoints.read_ahead import read_ahead
+from l4jax.checkpoints.read_ahead import interleave, read_ahead
 
 
 def test_read_ahead_keeps_order_and_the_byte_budget_and_raises_in_place():
@@ -39,3 +39,12 @@ def test_read_ahead_keeps_order_and_the_byte_budget_and_raises_in_place():
     assert all(f"p{v}" == p for p, v, _ in log)
     assert peak[0] == 9  # p3 alone; every other moment within the budget of 6
     assert max(h for p, _, h in log if p != "p3") <= 6
+
+
+def test_interleave_puts_smaller_tensors_beside_each_large_one():
+    sizes = [("embed", 8), ("norm", 1), ("head", 8), ("a", 2), ("b", 2), ("c", 3), ("d", 1)]
+    todo = [(n, size, None) for n, size in sizes]
+    order = [n for n, _, _ in interleave(todo, budget=11)]
+    assert order == ["embed", "norm", "a", "head", "b", "c", "d"]  # beside each 8: up to 3 more, in their order
+    assert [n for n, _, _ in interleave(todo, budget=8)] == ["embed", "head", "norm", "a", "b", "c", "d"]
+    assert sorted(interleave(todo, budget=100)) == sorted(todo)

@@ -108,3 +108,20 @@ def test_a_dpo_plan_holds_the_reference_and_counts_its_forward():
     assert dpo.program["conditional"] == 0 and dpo_planned["shapes"]["objective"] == "dpo"
     with pytest.raises(PlanError, match="--objective 'dpo': lm or dpo, and dpo with --task train only"):
         Request("decode", objective="dpo")
+
+
+def test_a_quantized_decode_plan_holds_quantized_weights(capsys):
+    """--quantize int4: the weights the step holds are the int4 values (one byte each on the CPU, which does not
+    pack them) and scales, less than the bf16 plan's; the bytes that must move count the weights at half a byte."""
+    args = ["plan", "--model", "tiny", "--target", "cpu", "--task", "decode", "--batch", "2", "--cache", "64", "--json",
+            "--mesh", "data=2,expert=2,tensor=2"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--quantize", "int4"]) == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["shapes"]["quantize"] == "int4" and plain["shapes"]["quantize"] is None
+    assert q["held_per_device"]["weights"] < 0.75 * plain["held_per_device"]["weights"]
+    assert q["costs"]["bytes"] < plain["costs"]["bytes"]
+    assert main(["plan", "--model", "tiny", "--target", "cpu", "--task", "train", "--quantize", "int4", "--mesh",
+                 "fsdp=8"]) == 2
+    assert "--quantize 'int4': int8 or int4, for tasks prefill and decode" in capsys.readouterr().err
