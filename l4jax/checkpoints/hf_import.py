@@ -3,7 +3,8 @@
 Accepts the multimodal layout (``language_model.model.*``, ``language_model.lm_head.weight``; vision weights are
 skipped for text-only loading) and the text-only ``Llama4ForCausalLM`` layout (``model.*``, ``lm_head.weight``).
 Nothing is read until every header has been checked: a missing, unexpected, mis-shaped or unsupported tensor is
-reported with its key before any weight is loaded.
+reported with its key before any weight is loaded. FP8 checkpoints (``quantization_config.quant_method``
+``fbgemm_fp8`` or ``compressed-tensors``) are read dequantized: each FP8 weight times its scales (``scale_key``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..config import Llama4Config
+from . import safetensors_file
 from .hf_names import VISION_PREFIXES, Source, layout, sources
 
-SUPPORTED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
-ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+SUPPORTED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "F8_E4M3": None}
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 4}  # FP8 weights are read dequantized (float32)
+FP8 = "F8_E4M3"
+# FP8 checkpoints as released: Meta's (fbgemm_fp8: per-row scales, the experts' per output column) and
+# compressed-tensors' (per output channel, or one per tensor). Weights are dequantized as they are read.
+QUANT_METHODS = ("fbgemm_fp8", "compressed-tensors")
 
 
 class CheckpointError(ValueError):
@@ -75,6 +81,9 @@ class SafetensorsIndex:
         try:
             with safe_open(str(f), framework="numpy") as h:
                 sl = h.get_slice(key)
+                if sl.get_dtype() == FP8:  # numpy has no FP8 type for safetensors to hand over: read the bytes
+                    rows = (part or (slice(None),))[0].indices(sl.get_shape()[0])
+                    return safetensors_file.read_rows(f, key, rows[0], rows[1])[(slice(None),) + tuple(part or ())[1:]]
                 return np.array(sl[part] if part is not None else sl[:])
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from e
@@ -105,7 +114,10 @@ def plan(index: SafetensorsIndex, config: Llama4Config) -> list[Source]:
         raise CheckpointError(f"{index.folder}: {len(missing)} tensor(s) missing from the checkpoint: "
                               f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
     ignorable = VISION_PREFIXES + ((head_key,) if config.text.tie_word_embeddings else ())
-    unexpected = sorted(k for k in keys if k not in wanted and not k.startswith(ignorable))
+    method = quant_method(index.folder)
+    scales = {scale_key(s.key) for s in wanted_sources} if method else set()
+    unexpected = sorted(k for k in keys if k not in wanted and k not in scales and not k.startswith(ignorable)
+                        and not (method and k.endswith("input_scale")))  # activation scales: weight-only here
     if unexpected:
         raise CheckpointError(f"{index.folder}: {len(unexpected)} unexpected tensor(s) for this config: "
                               f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
@@ -117,7 +129,65 @@ def plan(index: SafetensorsIndex, config: Llama4Config) -> list[Source]:
         if dtype not in SUPPORTED_DTYPES:
             raise CheckpointError(f"{index.files[s.key]}: tensor {s.key!r} has unsupported dtype {dtype}; "
                                   f"supported: {sorted(SUPPORTED_DTYPES)}")
+        if dtype == FP8:
+            _check_scale(index, s, method)
     return wanted_sources
+
+
+def quant_method(folder: Path) -> str | None:
+    """The ``quantization_config.quant_method`` of the folder's config.json (None without one); one this loader
+    does not read is an error naming the field."""
+    f = Path(folder) / "config.json"
+    q = json.loads(f.read_text()).get("quantization_config") if f.is_file() else None
+    if q is None:
+        return None
+    method = q.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise CheckpointError(f"{f}: quantization_config.quant_method {method!r} is not supported; l4jax reads "
+                              f"{', '.join(QUANT_METHODS)} (FP8 weights with their scales)")
+    return method
+
+
+def scale_key(key: str) -> str:
+    """Where an FP8 weight's scales are: ``<module>.weight_scale`` beside ``<module>.weight``, ``<name>_scale``
+    beside the experts' ``gate_up_proj`` and ``down_proj``."""
+    return key[:-len("weight")] + "weight_scale" if key.endswith(".weight") else key + "_scale"
+
+
+def _check_scale(index: SafetensorsIndex, s: Source, method: str | None) -> None:
+    f = index.files[s.key]
+    if method is None:
+        raise CheckpointError(f"{f}: tensor {s.key!r} is FP8 but config.json has no quantization_config")
+    key = scale_key(s.key)
+    if key not in index.files:
+        raise CheckpointError(f"{f}: FP8 tensor {s.key!r} has no scale tensor {key!r}")
+    shape = index.info(key)[0]
+    if _broadcast_scale(s.shape, shape) is None:
+        raise CheckpointError(f"{index.files[key]}: scale tensor {key!r} has shape {list(shape)}, which does not "
+                              f"scale {s.key!r} {list(s.shape)} per row, per output or as a whole")
+
+
+def _broadcast_scale(w: tuple[int, ...], scale: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axis order that makes ``scale`` broadcast against a weight [w] (None when none does): as it is
+    ([out, 1] for [out, in], [E, 1, N] for [E, K, N], one scale), or its last two axes swapped ([E, N, 1])."""
+    order = tuple(range(len(scale)))
+    for cand in (order, order[:-2] + order[-2:][::-1] if len(scale) >= 2 else order):
+        shape = tuple(scale[a] for a in cand)
+        if len(shape) <= len(w) and all(n in (1, m) for n, m in zip(shape[::-1], w[::-1])):
+            return cand
+    return None
+
+
+def _fp8_scale(index: SafetensorsIndex, s: Source) -> np.ndarray:
+    """The float32 scales of FP8 parameter ``s``, broadcast to its rows and cut to its part (a slice of a fused
+    tensor: gate or up of ``gate_up_proj``)."""
+    key = scale_key(s.key)
+    scale = index.read(key).astype(np.float32)
+    scale = scale.transpose(_broadcast_scale(s.shape, scale.shape))
+    scale = scale.reshape((1,) * (len(s.shape) - scale.ndim) + scale.shape)
+    scale = np.broadcast_to(scale, (s.shape[0],) + scale.shape[1:])
+    part = s.part or ()
+    return scale[tuple(sl if n > 1 else slice(None) for sl, n in zip(part, scale.shape))]
 
 
 BLOCK_BYTES = 64 << 20
@@ -131,12 +201,16 @@ def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
     """
     part = s.part or tuple(slice(None) for _ in s.shape)
     src_shape = s.read_shape
-    dtype = np.dtype(dtype) if dtype is not None else index.read(s.key, (slice(0, 0),) + part[1:]).dtype
+    scale = _fp8_scale(index, s) if index.info(s.key)[1] == FP8 else None  # dequantized as read
+    dtype = (np.dtype(dtype) if dtype is not None else np.dtype(np.float32) if scale is not None
+             else index.read(s.key, (slice(0, 0),) + part[1:]).dtype)
     out = np.empty(src_shape[::-1] if s.transpose else src_shape, dtype)
     rows = src_shape[0]
     step = max(1, BLOCK_BYTES // max(1, int(np.prod(src_shape[1:])) * out.itemsize))
     for i in range(0, rows, step):
         block = index.read(s.key, (slice(i, min(i + step, rows)),) + part[1:])
+        if scale is not None:
+            block = block.astype(np.float32) * scale[i:i + step]
         _check_finite(block, index.files[s.key], s.key, i)
         if s.transpose:
             put_transposed(out[:, i:i + step], block)

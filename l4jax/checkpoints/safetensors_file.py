@@ -75,3 +75,17 @@ def write(path: str | Path, entries: Sequence[tuple[str, tuple[int, ...], np.dty
             del array  # not alive while the next one is made
         f.flush()
     return n
+
+
+def read_rows(path: str | Path, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop (along the first axis) of tensor ``name``, read straight from the file's bytes: for dtypes
+    the ``safetensors`` library cannot hand to numpy (FP8: ``F8_E4M3``, ``F8_E5M2``)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n))[name]
+        dtype = {v: k for k, v in DTYPES.items()}[entry["dtype"]]
+        shape = entry["shape"]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        f.seek(8 + n + entry["data_offsets"][0] + start * row)
+        data = np.frombuffer(f.read((stop - start) * row), dtype)
+    return data.reshape([stop - start] + shape[1:])
