@@ -130,6 +130,8 @@ def _generate(args) -> int:
 
 
 def _export(args) -> int:
+    if args.quantize is not None:
+        raise ValueError("--quantize: for --from-hf (an HF export holds the unquantized model)")
     if not args.to_hf or args.to:
         raise ValueError("--from-l4jax writes an HF folder: give --to-hf OUT (and no --to)")
     if not l4jax_format.is_checkpoint(args.from_l4jax):
@@ -166,6 +168,8 @@ def _convert(args) -> int:
         raise ValueError(f"--from-hf {src}: {'not a folder' if src.exists() else 'no such folder'} (an HF model "
                          "folder holds config.json and *.safetensors)")
     budget = _read_ahead_bytes(args)
+    if args.quantize not in (None, "int8", "int4"):
+        raise ValueError(f"--quantize: int8 or int4, got {args.quantize!r}")
     cfg = load_config(src)
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
@@ -174,7 +178,8 @@ def _convert(args) -> int:
     with tqdm(total=sum(n for _, n, _ in reads), unit="B", unit_scale=True, desc=f"convert -> {args.to}",
               file=sys.stderr) as bar:
         conversion.convert(reads, args.to, source=src, config=json.loads((src / "config.json").read_text()),
-                           dtype=dtype.name, progress=bar.update, restart=args.restart, budget=budget)
+                           dtype=dtype.name, progress=bar.update, restart=args.restart, budget=budget,
+                           quantize=args.quantize)
     return 0
 
 
@@ -265,6 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--read-ahead-gb", type=float, default=None,
                       help="GB of tensors held at once while the next ones are read during a write "
                            "(default: the largest tensor's, so the peak stays one tensor's)")
+    conv.add_argument("--quantize", default=None, help="--from-hf: int8 or int4, each large weight quantized as it "
+                      "is read and stored so (l4jax.load reads it as it is)")
     conv.add_argument("--restart", action="store_true", help="start over instead of continuing the partial "
                       "folder a killed conversion left (.<name>.partial beside --to or --to-hf)")
     conv.set_defaults(run=_convert)

@@ -32,6 +32,8 @@ from typing import Callable
 import numpy as np
 
 from ..config import Llama4Config
+from ..model.quant import contracted_axes, quantize as quantize_weight
+from ..model.vision import VISION_PARAMS
 from . import hf_export, l4jax_format, safetensors_file
 from .atomic import atomic_dir, partial_dir
 from .read_ahead import Read, interleave, read_ahead
@@ -50,7 +52,8 @@ def source_files(folder: str | Path) -> dict:
 
 
 def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: dict, dtype: str,
-            progress: Callable[[int], None] | None = None, restart: bool = False, budget: int | None = None) -> Path:
+            progress: Callable[[int], None] | None = None, restart: bool = False, budget: int | None = None,
+            quantize: str | None = None) -> Path:
     """Write the parameters of ``reads`` (path, bytes, read), in this order, as an l4jax checkpoint at ``out``,
     resumably: a parameter an earlier attempt finished is not read again.
 
@@ -65,6 +68,10 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
     names = ["/".join(path) for path, _, _ in reads]
     record = {"format": FORMAT, "version": VERSION, "source": source_files(source), "dtype": dtype,
               "params": names, "done": {}}
+    if quantize is not None:
+        record["quantize"] = quantize
+        reads = [(path, n, _quantizing(read, path, quantize)) for path, n, read in reads]
+    planned = dict(zip(names, (n for _, n, _ in reads)))
     tmp = partial_dir(out)
     if restart:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,19 +89,42 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
             with l4jax_format.writer() as ckptr, read_ahead(interleave(todo, budget), budget) as arrays:
                 for path, array in arrays:
                     name = "/".join(path)
-                    done[name], nbytes = l4jax_format.write_param(ckptr, tmp, out, name, array)
+                    done[name], _ = l4jax_format.write_param(ckptr, tmp, out, name, array)
                     _write_record(tmp, record)
                     del array  # not alive while the next tensor is read
                     l4jax_format.release_freed_memory()
                     if progress is not None:
-                        progress(nbytes)
+                        progress(planned[name])
         except OSError as e:  # a full disk: what is done stays done
             raise OSError(f"{e}; the {len(done)} of {len(names)} tensors written are kept in {tmp}: the same "
                           "command continues from there") from None
-        l4jax_format.write_manifest(tmp, names, {n: done[n] for n in names}, config=config, dtype=dtype,
-                                    side_files_from=source)
+        stored, sums, quantized = _stored(names, done)
+        l4jax_format.write_manifest(tmp, stored, sums, config=config, dtype=dtype, side_files_from=source,
+                                    quantized=quantized)
         (tmp / PARTIAL).unlink(missing_ok=True)
     return out
+
+
+def _quantizing(read: Callable, path: tuple[str, ...], mode: str) -> Callable:
+    """``read``, followed by quantization on the host when the parameter is one that gets quantized."""
+    axes = contracted_axes(path) if path[0] not in VISION_PARAMS else None
+    return read if axes is None else lambda: quantize_weight(read(), axes, mode)
+
+
+def _stored(names: list[str], done: dict) -> tuple[list[str], dict, dict]:
+    """The checkpoint's item names, checksums and quantized-weight record from the finished parameters (a quantized
+    one is two items: write_param)."""
+    stored, sums, quantized = [], {}, {}
+    for n in names:
+        if isinstance(done[n], dict):
+            q = done[n]
+            stored += [f"{n}/values", f"{n}/scales"]
+            sums.update({f"{n}/values": q["values"], f"{n}/scales": q["scales"]})
+            quantized[n] = {k: q[k] for k in ("mode", "contracted", "group")}
+        else:
+            stored.append(n)
+            sums[n] = done[n]
+    return stored, sums, quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +266,14 @@ def _resumed(tmp: Path, record: dict, finished: Callable[[Path], dict | None]) -
 
 def _finished_checkpoint(record: dict) -> Callable[[Path], dict | None]:
     def finished(tmp: Path) -> dict | None:
-        if l4jax_format.is_checkpoint(tmp):
-            manifest = l4jax_format.read_manifest(tmp)
-            if manifest["params"] == record["params"] and manifest["dtype"] == record["dtype"]:
-                return {n: manifest["checksums"][n] for n in record["params"]}
+        if not l4jax_format.is_checkpoint(tmp):
+            return None
+        manifest = l4jax_format.read_manifest(tmp)
+        sums, quantized = manifest["checksums"], manifest.get("quantized", {})
+        done = {n: {"values": sums.get(f"{n}/values"), "scales": sums.get(f"{n}/scales"), **quantized[n]}
+                if n in quantized else sums.get(n) for n in record["params"]}
+        if manifest["dtype"] == record["dtype"] and _stored(record["params"], done)[0] == manifest["params"]:
+            return done
         return None
     return finished
 

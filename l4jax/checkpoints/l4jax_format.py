@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .. import tree
+from ..model.quant import QArray
 from . import checksum
 from .atomic import atomic_dir
 
@@ -86,9 +87,16 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
     return out
 
 
-def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array) -> tuple[str, int]:
-    """One parameter as its Orbax item under ``tmp/params``; returns its checksum and byte count. A failed write is an
-    OSError naming ``out`` and the parameter."""
+def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array) -> tuple[str | dict, int]:
+    """One parameter as its Orbax item under ``tmp/params``; returns its checksum and byte count. A quantized weight
+    (``QArray``) is two items, <name>/values and <name>/scales: its "checksum" is then {"values", "scales", and how
+    it is quantized: "mode", "contracted", "group"}. A failed write is an OSError naming ``out`` and the
+    parameter."""
+    if isinstance(array, QArray):
+        values, n = write_param(ckptr, tmp, out, f"{name}/values", array.values)
+        scales, m = write_param(ckptr, tmp, out, f"{name}/scales", array.scales)
+        return {"values": values, "scales": scales, "mode": array.mode, "contracted": list(array.contracted),
+                "group": array.group}, n + m
     try:
         ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
     except Exception as e:  # a full disk or an I/O error, which TensorStore raises in many types

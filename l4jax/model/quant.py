@@ -107,9 +107,33 @@ def group_size(shape: tuple[int, ...], contracted: tuple[int, ...], mode: str, g
 
 def quantize(w, contracted: tuple[int, ...], mode: str, group: int = GROUP) -> QArray:
     """Round-to-nearest symmetric quantization of w (host numpy or jax array) -> QArray (numpy on the host for a
-    numpy input, so a loader can quantize tensor by tensor before placing anything on a device)."""
-    xp = np if isinstance(w, np.ndarray) else jnp
+    numpy input, so a loader can quantize tensor by tensor before placing anything on a device). A host array is
+    quantized in blocks of ~64 MB of float32 along an axis whose indices have scales of their own, so the
+    temporaries stay small beside the tensor."""
     g = group_size(tuple(w.shape), contracted, mode, group)
+    if not isinstance(w, np.ndarray):
+        values, scales = _rtn(w, contracted, g, mode, jnp)
+        return QArray(values, scales, tuple(contracted), g)
+    free = [a for a in range(w.ndim) if a not in (contracted[-1:] if g else contracted)]
+    values = np.empty(w.shape, jnp.int4 if mode == "int4" else jnp.int8)
+    scales = np.empty(scale_shape(tuple(w.shape), tuple(contracted), g), np.float32)
+    if not free:
+        values[...], scales[...] = _rtn(w, contracted, g, mode, np)
+        return QArray(values, scales, tuple(contracted), g)
+    a = free[0]
+    step = max(1, BLOCK_BYTES // max(1, 4 * w.size // w.shape[a]))
+    for i in range(0, w.shape[a], step):
+        cut = (slice(None),) * a + (slice(i, i + step),)
+        values[cut], scales[cut] = _rtn(w[cut], contracted, g, mode, np)
+    return QArray(values, scales, tuple(contracted), g)
+
+
+BLOCK_BYTES = 64 << 20
+
+
+def _rtn(w, contracted: tuple[int, ...], g: int, mode: str, xp):
+    """(values, scales) of w by round-to-nearest: per output channel (g = 0) or groups of g along the last
+    contracted axis."""
     w32 = xp.asarray(w, dtype=xp.float32)
     qmax = 7.0 if mode == "int4" else 127.0
     if g:
@@ -123,8 +147,7 @@ def quantize(w, contracted: tuple[int, ...], mode: str, group: int = GROUP) -> Q
         amax = xp.max(xp.abs(w32), axis=contracted, keepdims=True)
         scales = xp.where(amax > 0, amax / qmax, 1.0).astype(xp.float32)
         values = xp.clip(xp.round(w32 / scales), -qmax, qmax)
-    dtype = jnp.int4 if mode == "int4" else jnp.int8
-    return QArray(values.astype(dtype), scales, tuple(contracted), g)
+    return values.astype(jnp.int4 if mode == "int4" else jnp.int8), scales
 
 
 def contracted_axes(path: tuple[str, ...]) -> tuple[int, ...] | None:

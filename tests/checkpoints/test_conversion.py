@@ -331,3 +331,48 @@ def test_a_full_disk_during_an_export_is_one_line_and_the_same_command_continues
     monkeypatch.undo()
     seen = assembled(monkeypatch)
     assert main(args) == 0 and len(seen) == 40 and files(tmp_path / "out") == files(exported)
+
+
+# --quantize: each large weight quantized as it is read, stored as values and scales.
+
+def test_a_quantized_conversion_is_the_quantized_load_and_resumes(hf, tmp_path, monkeypatch, capsys):
+    from l4jax.model.quant import QArray
+    out = tmp_path / "q"
+    args = ["convert", "--from-hf", str(hf / "hf"), "--to", str(out), "--quantize", "int4"]
+    killing_writer(9, monkeypatch)  # dies in the middle of the quantized weights' items
+    with pytest.raises(Killed):
+        main(args)
+    monkeypatch.undo()
+    record = json.loads((atomic.partial_dir(out) / conversion.PARTIAL).read_text())
+    assert record["quantize"] == "int4" and 0 < len(record["done"]) < N
+    assert main(args[:-1] + ["int8"]) == 2  # another quantization's partial folder: refused
+    assert "its quantize differ from this command's" in capsys.readouterr().err
+    assert main(args) == 0
+    manifest = l4jax_format.read_manifest(out)
+    assert manifest["quantized"]["layers_0/attn/q"]["mode"] == "int4" and "layers_0/attn/q/scales" in manifest["params"]
+    assert "embed" in manifest["params"] and "layers_1/moe/router" in manifest["params"]
+    from tiny import batch
+    ids, mask, _ = batch()
+    converted = l4jax.load(out)
+    assert isinstance(converted.params["layers_1"]["moe"]["down"], QArray)
+    np.testing.assert_array_equal(np.asarray(converted(ids, mask)),
+                                  np.asarray(l4jax.load(hf / "hf", quantize="int4")(ids, mask)))
+    assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(tmp_path / "x"), "--quantize", "int2"]) == 2
+    assert "--quantize: int8 or int4, got 'int2'" in capsys.readouterr().err
+
+
+def test_a_quantized_conversion_killed_at_the_final_rename_only_renames(hf, tmp_path, monkeypatch):
+    out, real = tmp_path / "q", os.replace
+
+    def die_at_rename(src, dst):
+        if str(src).endswith(".partial"):
+            raise Killed
+        real(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", die_at_rename)
+    args = ["convert", "--from-hf", str(hf / "hf"), "--to", str(out), "--quantize", "int8"]
+    with pytest.raises(Killed):
+        main(args)
+    monkeypatch.undo()
+    seen = reads(monkeypatch)
+    assert main(args) == 0 and seen == []
+    assert l4jax_format.read_manifest(out)["quantized"]["layers_1/moe/gate"]["mode"] == "int8"
