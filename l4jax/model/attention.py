@@ -199,10 +199,11 @@ class Attention(nn.Module):
         and a plain forward are the same code."""
         cfg, part = self.cfg, self.part
         D, H, K, hd = x.shape[-1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        wq = param(self, "q", (D, H, hd), (EMBED, HEADS, HEAD_DIM))     # "btd,dhk->bthk"
-        wk = param(self, "k", (D, K, hd), (EMBED, KV_HEADS, HEAD_DIM))  # "btd,dhk->bthk"
-        wv = param(self, "v", (D, K, hd), (EMBED, KV_HEADS, HEAD_DIM))  # "btd,dhk->bthk"
-        wo = param(self, "o", (H, hd, D), (HEADS, HEAD_DIM, EMBED))     # "bthk,hkd->btd"
+        q8 = dict(quantized=True)  # a quantized weight reaches project as it is (quant.matmul for few rows)
+        wq = param(self, "q", (D, H, hd), (EMBED, HEADS, HEAD_DIM), **q8)     # "btd,dhk->bthk"
+        wk = param(self, "k", (D, K, hd), (EMBED, KV_HEADS, HEAD_DIM), **q8)  # "btd,dhk->bthk"
+        wv = param(self, "v", (D, K, hd), (EMBED, KV_HEADS, HEAD_DIM), **q8)  # "btd,dhk->bthk"
+        wo = param(self, "o", (H, hd, D), (HEADS, HEAD_DIM, EMBED), **q8)     # "bthk,hkd->btd"
         q = part.constrain(project("btd,dhk->bthk", x, wq), (BATCH, LENGTH, ACT_HEADS, None))
         k = part.constrain(project("btd,dhk->bthk", x, wk), (BATCH, LENGTH, ACT_KV_HEADS, None))
         v = part.constrain(project("btd,dhk->bthk", x, wv), (BATCH, LENGTH, ACT_KV_HEADS, None))

@@ -25,7 +25,8 @@ from .attention import Attention, Context
 from .axes import ACT_EMBED, ACT_VOCAB, BATCH, EMBED, LAYERS, LENGTH, VOCAB, Partitioning
 from .cache import KVCache, LayerKV
 from .kernels import Kernels
-from .layers import MLP, RMSNorm, param
+from .layers import MLP, RMSNorm, param, project
+from .quant import QArray, weight
 from .masks import left_padding, positions_from_mask, segment_positions
 from .moe import MoE
 from .rope import inv_frequencies, rope_angles
@@ -184,10 +185,13 @@ class Llama4Text(nn.Module):
         if cfg.tie_word_embeddings:
             head = embed.T.astype(self.dtype)
         else:
-            head = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB))  # "btd,dv->btv"
+            head = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB),  # "btd,dv->btv"
+                         quantized=True)
         if not self.logits:
-            return Output(None, cache, x, head)
-        logits = self.part.constrain(jnp.einsum("btd,dv->btv", x, head), (BATCH, LENGTH, ACT_VOCAB))
+            return Output(None, cache, x, weight(head, self.dtype))
+        # A quantized head goes through project (quant.matmul for few rows); an unquantized one as it always has.
+        logits = project("btd,dv->btv", x, head) if isinstance(head, QArray) else jnp.einsum("btd,dv->btv", x, head)
+        logits = self.part.constrain(logits, (BATCH, LENGTH, ACT_VOCAB))
         return Output(logits, cache)
 
     def _context(self, inputs: Inputs, pos, cache_empty: bool) -> Context:

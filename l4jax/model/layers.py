@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .axes import ACT_MLP, BATCH, EMBED, LENGTH, MLP as MLP_AXIS, NORM, Partitioning
-from .quant import QArray, weight
+from .quant import FUSED_ROWS, QArray, matmul, weight
 
 INIT = nn.initializers.normal(0.02)
 
@@ -32,7 +32,7 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     return weight(w, module.dtype if dtype is None else dtype)
 
 
-def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def project(eq: str, x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     """``jnp.einsum(eq, x, w)`` for x whose first axis holds rows (tokens) sharing the weight w: accumulated in fp32
     and rounded once to x's dtype (what a bf16 GEMM does), w read once however few rows there are.
 
@@ -44,6 +44,10 @@ def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     rows = math.prod(x.shape[:-1]) if eq.startswith("...") else x.shape[0] * math.prod(x.shape[1:-1])
     if rows == 1:
         return project(eq, jnp.concatenate([x, jnp.zeros_like(x)]), w)[:1]
+    if isinstance(w, QArray):  # a quantized weight: multiplied as it is for a few rows, else dequantized once
+        if rows <= FUSED_ROWS:
+            return matmul(eq, x, w).astype(x.dtype)
+        w = w.dequantize(x.dtype)
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -88,7 +92,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         D, F = x.shape[-1], self.hidden
-        gate = param(self, "gate", (D, F), (EMBED, MLP_AXIS))  # "...d,df->...f"
-        up = param(self, "up", (D, F), (EMBED, MLP_AXIS))      # "...d,df->...f"
-        down = param(self, "down", (F, D), (MLP_AXIS, EMBED))  # "...f,fd->...d"
+        # A quantized weight reaches project as it is (quant.matmul for few rows).
+        gate = param(self, "gate", (D, F), (EMBED, MLP_AXIS), quantized=True)  # "...d,df->...f"
+        up = param(self, "up", (D, F), (EMBED, MLP_AXIS), quantized=True)      # "...d,df->...f"
+        down = param(self, "down", (F, D), (MLP_AXIS, EMBED), quantized=True)  # "...f,fd->...d"
         return swiglu(x, gate, up, down, self.part)

@@ -246,3 +246,38 @@ def quantize_params(params: dict, mode: str, group: int = GROUP) -> dict:
     updates = {path: quantize(w, contracted_axes(path), mode, group)
                for path, w in tree.leaves(params) if contracted_axes(path) is not None}
     return tree.replace(params, updates)
+
+
+# Up to this many rows (decode), a quantized weight is multiplied without being dequantized first: the values are
+# only converted (XLA fuses that into the matmul) and the scales applied to the products after. More rows (prefill,
+# training) dequantize the weight once and share it, the partial sums of the grouped form would grow with them.
+FUSED_ROWS = 64
+
+
+def matmul(eq: str, x: jax.Array, q: QArray) -> jax.Array:
+    """``einsum(eq, x, q.dequantize())`` in float32, computed as dots over the converted values with the scales
+    applied after: per output channel (int8) they factor out of the contraction; per group (int4) each group's dot
+    is scaled, then the groups (and any other contracted axis, attention o's heads) summed. Compiled for an H100,
+    this keeps XLA from writing the dequantized weight to memory (docs/performance.md)."""
+    lhs, rest = eq.split(",")
+    rhs, out = rest.split("->")
+    if "..." in lhs:
+        free = "".join(c for c in "zyxwvutsrqponm" if c not in eq)[:x.ndim - len(lhs.replace("...", ""))]
+        lhs, out = lhs.replace("...", free), out.replace("...", free)
+    f32 = dict(preferred_element_type=jnp.float32)
+    v = q.values.astype(x.dtype)
+    contracted = [c for c in rhs if c not in out]
+    if all(n == 1 for c, n in zip(rhs, q.scales.shape) if c in contracted):  # a scale per output: after the dot
+        y = jnp.einsum(f"{lhs},{rhs}->{out}", x, v, **f32)
+        kept = "".join(c for c in rhs if c in out)
+        s = q.scales.reshape([n for c, n in zip(rhs, q.scales.shape) if c in out])
+        return jnp.einsum(f"{out},{kept}->{out}", y, s)
+    a = q.contracted[-1]
+    c, G = rhs[a], q.scales.shape[a]
+    g = next(ch for ch in "ABCDEFGHIJ" if ch not in eq)  # the groups' axis
+    i = lhs.index(c)
+    x2 = x.reshape(x.shape[:i] + (G, x.shape[i] // G) + x.shape[i + 1:])
+    v2 = v.reshape(v.shape[:a] + (G, v.shape[a] // G) + v.shape[a + 1:])
+    partial = out + "".join(ch for ch in contracted if ch != c) + g  # one dot per group (and head, for o)
+    p = jnp.einsum(f"{lhs.replace(c, g + c)},{rhs.replace(c, g + c)}->{partial}", x2, v2, **f32)
+    return jnp.einsum(f"{partial},{rhs.replace(c, g)}->{out}", p, q.scales)
