@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from .axes import ACT_EMBED, BATCH, EMBED, EXPERT, EXPERT_MLP, LENGTH, Partitioning, ShardingError
 from .gmm import gmm
 from .layers import MLP, param, project
-from .quant import QArray, take, weight, with_scales
+from .quant import QArray, matmul, weight, with_scales
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -85,8 +85,12 @@ def routed_experts(x: jax.Array, scores: jax.Array, experts: jax.Array, gate: ja
 
 def _gathered(xs: jax.Array, e: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """xs [M, D] through expert e[m] each, reading only those experts' weights."""
+    if isinstance(gate, QArray):  # the chosen experts' values go into the dots as they are, scaled after
+        gate, up, down = (w.at(e) for w in (gate, up, down))
+        h = jax.nn.silu(matmul("md,mdf->mf", xs, gate)) * matmul("md,mdf->mf", xs, up)
+        return matmul("mf,mfd->md", h.astype(xs.dtype), down).astype(xs.dtype)
     f32 = dict(preferred_element_type=jnp.float32)  # fp32 products keep XLA from rewriting a one-row product
-    gate, up, down = (take(w, e, xs.dtype) for w in (gate, up, down))
+    gate, up, down = gate[e], up[e], down[e]
     h = jax.nn.silu(jnp.einsum("md,mdf->mf", xs, gate, **f32)) * jnp.einsum("md,mdf->mf", xs, up, **f32)
     return jnp.einsum("mf,mfd->md", h.astype(xs.dtype), down, **f32).astype(xs.dtype)
 

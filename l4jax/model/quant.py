@@ -72,13 +72,16 @@ class QArray:
             return (v.reshape(grouped) * jnp.expand_dims(self.scales, a + 1)).reshape(shape).astype(dtype)
         return (v * self.scales).astype(dtype)
 
+    def at(self, index) -> QArray:
+        """The experts ``index`` [M] (or one, a scalar) of a stack along its first axis, still quantized."""
+        if 0 in self.contracted:
+            raise ValueError("at: the first axis is contracted; only a batch (expert) axis can be indexed")
+        return dataclasses.replace(self, values=self.values[index], scales=self.scales[index],
+                                   contracted=tuple(a + jnp.ndim(index) - 1 for a in self.contracted))
+
     def take(self, index, dtype) -> jax.Array:
         """``dequantize(dtype)[index]`` along the first (expert) axis, dequantizing only the rows taken."""
-        if 0 in self.contracted:
-            raise ValueError("take: the first axis is contracted; only a batch (expert) axis can be indexed")
-        return dataclasses.replace(self, values=self.values[index], scales=self.scales[index],
-                                   contracted=tuple(a + (jnp.ndim(index)) - 1 for a in self.contracted)
-                                   ).dequantize(dtype)
+        return self.at(index).dequantize(dtype)
 
 
 def scale_shape(shape: tuple[int, ...], contracted: tuple[int, ...], group: int) -> tuple[int, ...]:
