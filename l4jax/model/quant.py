@@ -9,8 +9,10 @@ The weight is ``values * scales`` (each scale repeated over its group); activati
 Which weights are quantized and which of their axes a matmul contracts (``CONTRACTED``): attention q, k, v, o, the
 dense and shared-expert MLPs, the routed experts (per expert: the expert axis is a batch axis) and the LM head. The
 embedding (a gather), the router (small, and its top-k is sensitive) and the norms stay as they are, as does the
-vision tower. ``layers.param`` hands a module the dequantized weight (XLA fuses the multiply into the matmul's
-operand); the MoE takes the ``QArray`` itself and dequantizes only the experts it reads (``take``).
+vision tower. Modules declare them with ``layers.param(..., quantized=True)`` and get the ``QArray`` itself:
+``layers.project`` multiplies up to ``FUSED_ROWS`` rows (decode) by the values with the scales applied after
+(``matmul``: no dequantized weight is written to memory), more rows by the weight dequantized once; the MoE reads only
+the experts it uses (``QArray.at``; the grouped matmul dequantizes one expert per tile, ``take``).
 
 Rounding is plain round-to-nearest with symmetric scales (max |w| / 127, or / 7 for int4): what the quality bounds
 of the issue are stated against.
@@ -19,7 +21,6 @@ of the issue are stated against.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,6 @@ class QArray:
     @property
     def mode(self) -> str:
         return "int4" if self.group else "int8"
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes in memory: int4 packs two values per byte on accelerators."""
-        values = math.prod(self.shape) * (0.5 if self.group else 1)
-        return int(values) + int(self.scales.size) * self.scales.dtype.itemsize
 
     def dequantize(self, dtype) -> jax.Array:
         """The weight [shape] in ``dtype``: values times their scales, computed in fp32. The group follows from
