@@ -98,8 +98,8 @@ def test_quantized_logits_are_those_of_round_to_nearest(folders, name, mode):
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, expert=2, tensor=2),
-                                  pytest.param(dict(fsdp=2, expert=2, tensor=2), marks=SLOW)])
+@pytest.mark.slow  # the default run keeps test_int4_groups_split_over_fsdp, on a mesh too
+@pytest.mark.parametrize("mesh", [dict(data=2, expert=2, tensor=2), dict(fsdp=2, expert=2, tensor=2)])
 def test_an_int4_model_on_a_mesh_equals_one_device(folders, mesh):
     ids, mask, _ = batch()
     one = l4jax.load(folders["scout"], quantize="int4")
@@ -134,10 +134,18 @@ def test_quantize_save_load_gives_the_same_logits_bit_for_bit(folders, tmp_path)
     q = back.params["layers_1"]["moe"]["gate"]
     assert isinstance(q, QArray) and q.values.dtype == jax.numpy.int4 and q.scales.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(back(ids, mask)), want)
-    sharded = l4jax.load(tmp_path / "q", mesh=l4jax.make_mesh(expert=2, tensor=4))
-    np.testing.assert_allclose(np.asarray(sharded(ids, mask)), want, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="stored quantized to int4; quantize='int8' cannot be applied"):
         l4jax.load(tmp_path / "q", quantize="int8")
+
+
+@pytest.mark.slow
+def test_a_quantized_checkpoint_on_a_mesh_and_an_unquantized_one_quantized_on_load(folders, tmp_path):
+    ids, mask, _ = batch()
+    model = l4jax.load(folders["maverick"], quantize="int4")
+    want = np.asarray(model(ids, mask))
+    model.save(tmp_path / "q")
+    sharded = l4jax.load(tmp_path / "q", mesh=l4jax.make_mesh(expert=2, tensor=4))
+    np.testing.assert_allclose(np.asarray(sharded(ids, mask)), want, rtol=0, atol=1e-5)
     # An unquantized l4jax checkpoint quantizes as it is read (on the device, where XLA may round a division
     # differently from numpy in the last bit), to the weights of the HF folder's quantization.
     l4jax.load(folders["maverick"]).save(tmp_path / "plain")
