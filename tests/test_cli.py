@@ -49,6 +49,7 @@ def test_generate_streams_the_same_text_as_transformers(folder, capsys, extra):
     assert len(expect) > 0
 
 
+@pytest.mark.slow
 def test_generate_quantized_streams_the_text_of_the_quantized_handle(folder, capsys):
     """--quantize int8 loads as l4jax.load(..., quantize="int8") does: the CLI prints that handle's greedy text."""
     import l4jax

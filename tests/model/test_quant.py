@@ -80,9 +80,9 @@ def rtn_logits(folder, mode, ids, mask) -> np.ndarray:
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name,mode", [("scout", "int4"), ("maverick", "int8")] + [
-    pytest.param(n, m, marks=SLOW) for n, m in (("scout", "int8"), ("maverick", "int4"), ("top2", "int8"),
-                                                ("top2", "int4"))])
+@pytest.mark.parametrize("name,mode", [("scout", "int4")] + [
+    pytest.param(n, m, marks=SLOW) for n, m in (("maverick", "int8"), ("scout", "int8"), ("maverick", "int4"),
+                                                ("top2", "int8"), ("top2", "int4"))])
 def test_quantized_logits_are_those_of_round_to_nearest(folders, name, mode):
     """On tiny random models a logit error says little by itself; the bound is the issue's: no further from the
     unquantized logits than RTN of the same weights (within 1.5x). Here it is the same rounding, so the logits
