@@ -48,16 +48,21 @@ def perplexities(model, fp32, tok: Tokenizer, text: str, rows: int, prefix: int)
     return out
 
 
-def greedy_agreement(model, tok: Tokenizer, new: int) -> list[int]:
-    """For each prompt, how many leading greedy tokens the int8 cache shares with the bf16 one (of ``new``)."""
+def greedy_agreement(reference, other, tok: Tokenizer, new: int) -> list[int]:
+    """For each prompt, how many leading greedy tokens ``other(ids, new)`` shares with ``reference(ids, new)`` (of
+    ``new``): each a function returning the generated rows (bench/quant.py uses it too)."""
     docs = read_documents(corpus_files())
     agree = []
     for d in PROMPT_DOCS:
         ids = np.asarray([tok.encode(docs[d], add_bos=True)[:PROMPT_TOKENS]])
-        a, b = (model.generate(ids, max_new_tokens=new, stop_tokens=(), kv_dtype=kv)[0, PROMPT_TOKENS:]
-                for kv in ("bfloat16", "int8"))
+        a, b = (gen(ids, new)[0, PROMPT_TOKENS:] for gen in (reference, other))
         agree.append(int(new if (a == b).all() else np.argmin(a == b)))
     return agree
+
+
+def greedy(model, **kw):
+    """``model``'s greedy generation without stop tokens, as ``greedy_agreement`` calls it."""
+    return lambda ids, new: model.generate(ids, max_new_tokens=new, stop_tokens=(), **kw)
 
 
 def main():
@@ -74,7 +79,8 @@ def main():
     with open(args.text, encoding="utf-8") as f:
         result = perplexities(model, l4jax.load(args.model, dtype=jnp.float32), tok, f.read(), args.rows,
                               args.prefix)
-    result["greedy_agree"] = greedy_agreement(model, tok, args.new)
+    result["greedy_agree"] = greedy_agreement(greedy(model, kv_dtype="bfloat16"), greedy(model, kv_dtype="int8"),
+                                              tok, args.new)
     result["new"] = args.new
     if args.json:
         print(json.dumps(result))

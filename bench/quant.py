@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import l4jax
-from l4jax.data import Tokenizer, corpus_files, read_documents
+from kv_int8 import greedy, greedy_agreement  # bench/: the same prompts and count
+from l4jax.data import Tokenizer
 
-PROMPT_DOCS = (0, 40, 120, 200, 300)  # corpus documents whose openings are the greedy prompts
-PROMPT_TOKENS = 12
 MODES = ("int8", "int4")
 
 
@@ -32,17 +31,6 @@ def perplexity(model, ids: np.ndarray) -> float:
     logits -= logits.max(-1, keepdims=True)
     logp = np.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
     return float(np.exp(-logp.mean()))
-
-
-def greedy_agreement(model, reference, tok: Tokenizer, new: int) -> list[int]:
-    """For each prompt, how many leading greedy tokens ``model`` shares with ``reference`` (of ``new``)."""
-    docs = read_documents(corpus_files())
-    agree = []
-    for d in PROMPT_DOCS:
-        ids = np.asarray([tok.encode(docs[d], add_bos=True)[:PROMPT_TOKENS]])
-        a, b = (m.generate(ids, max_new_tokens=new, stop_tokens=())[0, PROMPT_TOKENS:] for m in (reference, model))
-        agree.append(int(new if (a == b).all() else np.argmin(a == b)))
-    return agree
 
 
 def main():
@@ -64,7 +52,7 @@ def main():
         q = l4jax.load(args.model, dtype=jnp.float32, quantize=mode)
         result[f"ppl_{mode}"] = perplexity(q, ids)
         result[f"rise_pct_{mode}"] = 100 * (result[f"ppl_{mode}"] / result["ppl_float32"] - 1)
-        result[f"greedy_agree_{mode}"] = greedy_agreement(q, full, tok, args.new)
+        result[f"greedy_agree_{mode}"] = greedy_agreement(greedy(full), greedy(q), tok, args.new)
     result["new"] = args.new
     if args.json:
         print(json.dumps(result))

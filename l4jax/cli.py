@@ -18,6 +18,7 @@ from . import tree
 from .checkpoints import conversion, hf_import, l4jax_format
 from .checkpoints.hf_import import CheckpointError
 from .config import ConfigError, config_path, dtype_name, load_config, read_document
+from .model.quant import MODES
 from .plan.targets import COMPILE_ONLY_ENV, PlanError
 
 # Each command imports the rest of l4jax itself: `l4jax convert` never loads Flax, the model or the trainer
@@ -168,7 +169,7 @@ def _convert(args) -> int:
         raise ValueError(f"--from-hf {src}: {'not a folder' if src.exists() else 'no such folder'} (an HF model "
                          "folder holds config.json and *.safetensors)")
     budget = _read_ahead_bytes(args)
-    if args.quantize not in (None, "int8", "int4"):
+    if args.quantize is not None and args.quantize not in MODES:
         raise ValueError(f"--quantize: int8 or int4, got {args.quantize!r}")
     cfg = load_config(src)
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))

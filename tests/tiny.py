@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,13 @@ def writer_with(on_save):
             self.n += 1
             return on_save(self.n, path, lambda: self.inner.save(path, *args, **kw))
     return Writer
+
+
+def traced_peak(fn) -> int:
+    """The peak of Python's traced allocations (numpy's included) while ``fn()`` runs, in bytes."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -33,7 +33,6 @@ import numpy as np
 
 from ..config import Llama4Config
 from ..model.quant import contracted_axes, quantize as quantize_weight
-from ..model.vision import VISION_PARAMS
 from . import hf_export, l4jax_format, safetensors_file
 from .atomic import atomic_dir, partial_dir
 from .read_ahead import Read, interleave, read_ahead
@@ -83,7 +82,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
         _write_record(tmp, record)
         todo = [r for name, r in zip(names, reads) if name not in done]
         if progress is not None and done:
-            progress(sum(nbytes for name, (_, nbytes, _) in zip(names, reads) if name in done))
+            progress(sum(planned[name] for name in done))
         try:
             budget = budget or max((n for _, n, _ in todo), default=0)
             with l4jax_format.writer() as ckptr, read_ahead(interleave(todo, budget), budget) as arrays:
@@ -107,7 +106,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
 
 def _quantizing(read: Callable, path: tuple[str, ...], mode: str) -> Callable:
     """``read``, followed by quantization on the host when the parameter is one that gets quantized."""
-    axes = contracted_axes(path) if path[0] not in VISION_PARAMS else None
+    axes = contracted_axes(path)
     return read if axes is None else lambda: quantize_weight(read(), axes, mode)
 
 

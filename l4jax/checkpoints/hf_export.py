@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,7 +34,7 @@ from . import safetensors_file
 from .atomic import atomic_dir
 from .hf_import import put_transposed
 from .hf_names import Source, sources
-from .l4jax_format import SIDE_FILES, first_line
+from .l4jax_format import copy_side_files, first_line
 
 SHARD_SIZE = 5 * 10**9
 
@@ -135,10 +134,7 @@ def write_side_files(folder: Path, config: Llama4Config, hf_config: dict | None,
     """config.json (``hf_config``, default ``config.to_hf()``), the source's tokenizer and generation files, and a
     generation_config.json derived from the config when the source has none."""
     (folder / "config.json").write_text(json.dumps(hf_config or config.to_hf(), indent=2))
-    if side_files_from is not None:
-        for f in SIDE_FILES:
-            if (Path(side_files_from) / f).is_file():
-                shutil.copy2(Path(side_files_from) / f, folder / f)
+    copy_side_files(side_files_from, folder)
     if not (folder / "generation_config.json").is_file():  # as transformers derives it from the config
         t = config.text
         (folder / "generation_config.json").write_text(json.dumps(

@@ -201,9 +201,11 @@ def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
     """
     part = s.part or tuple(slice(None) for _ in s.shape)
     src_shape = s.read_shape
-    scale = _fp8_scale(index, s) if index.info(s.key)[1] == FP8 else None  # dequantized as read
-    dtype = (np.dtype(dtype) if dtype is not None else np.dtype(np.float32) if scale is not None
-             else index.read(s.key, (slice(0, 0),) + part[1:]).dtype)
+    stored = index.info(s.key)[1]
+    scale = _fp8_scale(index, s) if stored == FP8 else None  # dequantized as read
+    if dtype is None:
+        dtype = np.float32 if scale is not None else safetensors_file.NUMPY[stored]
+    dtype = np.dtype(dtype)
     out = np.empty(src_shape[::-1] if s.transpose else src_shape, dtype)
     rows = src_shape[0]
     step = max(1, BLOCK_BYTES // max(1, int(np.prod(src_shape[1:])) * out.itemsize))

@@ -109,15 +109,19 @@ def write_manifest(tmp: Path, names: list[str], sums: dict[str, str], *, config:
     """The side files and, last, ``l4jax.json``: what makes a folder a checkpoint. A quantized weight is stored as
     two items, <name>/values and <name>/scales, and "quantized" says how ({name: {"mode", "contracted",
     "group"}}; absent when nothing is)."""
-    if side_files_from is not None:
-        for f in SIDE_FILES:
-            if (Path(side_files_from) / f).is_file():
-                shutil.copy2(Path(side_files_from) / f, tmp / f)
+    copy_side_files(side_files_from, tmp)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
                 "checksums": sums}
     if quantized:
         manifest["quantized"] = quantized
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def copy_side_files(src: str | Path | None, dst: Path) -> None:
+    """The tokenizer, generation and preprocessor files (``SIDE_FILES``) of folder ``src`` that exist, into ``dst``."""
+    for f in SIDE_FILES if src is not None else ():
+        if (Path(src) / f).is_file():
+            shutil.copy2(Path(src) / f, dst / f)
 
 
 def first_line(e: BaseException) -> str:

@@ -25,6 +25,7 @@ DTYPES = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.int8
           np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64",
           np.dtype(np.uint64): "U64", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
           np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2"}
+NUMPY = {name: dtype for dtype, name in DTYPES.items()}  # safetensors' dtype names -> numpy
 
 
 def header(entries: Sequence[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[str, str] | None = None) -> bytes:
@@ -83,7 +84,7 @@ def read_rows(path: str | Path, name: str, start: int, stop: int) -> np.ndarray:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         entry = json.loads(f.read(n))[name]
-        dtype = {v: k for k, v in DTYPES.items()}[entry["dtype"]]
+        dtype = NUMPY[entry["dtype"]]
         shape = entry["shape"]
         row = math.prod(shape[1:]) * dtype.itemsize
         f.seek(8 + n + entry["data_offsets"][0] + start * row)

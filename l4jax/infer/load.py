@@ -120,7 +120,7 @@ def _place(host, path: tuple[str, ...], shardings: dict | None, quantize: str | 
     """One parameter onto its sharding (or the one device), quantized first on the host when asked and it is one
     of the weights that get quantized (``quant.contracted_axes``)."""
     sh = None if shardings is None else tree.get(shardings, path)
-    axes = None if quantize is None or path[0] in VISION_PARAMS else contracted_axes(path)
+    axes = None if quantize is None else contracted_axes(path)
     if axes is None:
         return host if isinstance(host, jax.Array) else put(host, sh)
     q = quantize_weight(host, axes, quantize)  # on the host for a host array, else where the array is

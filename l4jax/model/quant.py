@@ -149,10 +149,11 @@ def _rtn(w, contracted: tuple[int, ...], g: int, mode: str, xp):
 
 
 def contracted_axes(path: tuple[str, ...]) -> tuple[int, ...] | None:
-    """The contracted axes of the parameter at ``path`` when it is one that gets quantized, else None."""
-    if tuple(path[-1:]) == HEAD and len(path) == 1:
+    """The contracted axes of the parameter at ``path`` when it is one that gets quantized, else None: the LM head
+    and the weights of ``CONTRACTED`` in the text decoder's layers (never the vision tower's)."""
+    if tuple(path) == HEAD:
         return (0,)
-    return CONTRACTED.get(tuple(path[-2:]))
+    return CONTRACTED.get(tuple(path[-2:])) if path[0].startswith("layers_") else None
 
 
 def weight(w, dtype) -> jax.Array:
@@ -220,8 +221,7 @@ def abstract_stored(abstract: dict, meta: dict) -> dict:
 
 
 def _quantized(params: dict):
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_q)[0]
-    return [(tuple(str(k.key) for k in keys), q) for keys, q in flat if _is_q(q)]
+    return [(path, q) for path, q in tree.leaves(params, is_leaf=_is_q) if _is_q(q)]
 
 
 def abstract_quantized(abstract: dict, mode: str, group: int = GROUP) -> dict:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ from safetensors import safe_open
 import l4jax
 from l4jax.checkpoints import atomic, conversion, hf_export, hf_import, l4jax_format, safetensors_file
 from l4jax.cli import main
-from tiny import hf_model, save, writer_with
+from tiny import hf_model, save, traced_peak, writer_with
 
 N = 47  # parameters of the tiny Maverick-like model
 
@@ -55,6 +54,17 @@ def killing_writer(after: int, monkeypatch):
             Path(f"{path}.orbax-checkpoint-tmp-123").mkdir()
             raise Killed
     monkeypatch.setattr(l4jax_format, "writer", writer_with(save_then_die))
+
+
+def dying_at_rename(monkeypatch) -> None:
+    """Dies at the final rename of a partial folder into place (every other rename goes through)."""
+    real = os.replace
+
+    def die_at_rename(src, dst):
+        if str(src).endswith(".partial"):
+            raise Killed
+        real(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", die_at_rename)
 
 
 def reads(monkeypatch) -> list:
@@ -97,13 +107,7 @@ def test_killed_at_the_end(hf, tmp_path, monkeypatch, where):
             raise Killed
         monkeypatch.setattr(l4jax_format, "write_manifest", write_then_die)
     else:
-        real = os.replace
-
-        def die_at_rename(src, dst):
-            if str(src).endswith(".partial"):
-                raise Killed
-            real(src, dst)
-        monkeypatch.setattr(atomic.os, "replace", die_at_rename)
+        dying_at_rename(monkeypatch)
     with pytest.raises(Killed):
         main(["convert", "--from-hf", str(hf / "hf"), "--to", str(out)])
     monkeypatch.undo()
@@ -242,13 +246,8 @@ def test_a_killed_export_continues_and_ends_as_an_uninterrupted_one(hf, exported
 
 
 def test_an_export_killed_at_the_final_rename_only_renames(hf, exported, tmp_path, monkeypatch):
-    out, real = tmp_path / "out", os.replace
-
-    def die_at_rename(src, dst):
-        if str(src).endswith(".partial"):
-            raise Killed
-        real(src, dst)
-    monkeypatch.setattr(atomic.os, "replace", die_at_rename)
+    out = tmp_path / "out"
+    dying_at_rename(monkeypatch)
     args = ["convert", "--from-l4jax", str(hf / "whole"), "--to-hf", str(out), "--shard-size", "0.00006"]
     with pytest.raises(Killed):
         main(args)
@@ -287,12 +286,7 @@ def test_the_streamed_export_holds_one_tensor_at_a_time(tmp_path):
     plan = conversion.export_plan(tmp_path / "l4", shard_size=10**12)
     sizes = [t.nbytes for t in plan.tensors]
     assert sum(sizes) > 4 * max(sizes) > 10**7
-    tracemalloc.start()
-    try:
-        conversion.export(plan, tmp_path / "m")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = traced_peak(lambda: conversion.export(plan, tmp_path / "m"))
     assert peak < 2 * max(sizes) + 2**20, (peak, max(sizes), sum(sizes))
     ref, got = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "m")
     assert sorted(ref) == sorted(got) and all(ref[k].tobytes() == got[k].tobytes() for k in ref)
@@ -362,13 +356,8 @@ def test_a_quantized_conversion_is_the_quantized_load_and_resumes(hf, tmp_path, 
 
 
 def test_a_quantized_conversion_killed_at_the_final_rename_only_renames(hf, tmp_path, monkeypatch):
-    out, real = tmp_path / "q", os.replace
-
-    def die_at_rename(src, dst):
-        if str(src).endswith(".partial"):
-            raise Killed
-        real(src, dst)
-    monkeypatch.setattr(atomic.os, "replace", die_at_rename)
+    out = tmp_path / "q"
+    dying_at_rename(monkeypatch)
     args = ["convert", "--from-hf", str(hf / "hf"), "--to", str(out), "--quantize", "int8"]
     with pytest.raises(Killed):
         main(args)

@@ -2,7 +2,6 @@
 folder loads in transformers with l4jax's logits; sharded models export the same bytes."""
 
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from transformers import GenerationConfig, Llama4ForCausalLM, Llama4TextConfig
 import l4jax
 from l4jax.checkpoints.hf_export import hf_plan
 from l4jax.cli import main
-from tiny import batch, hf_logits, hf_model, rel_err, save
+from tiny import batch, hf_logits, hf_model, rel_err, save, traced_peak
 
 
 def tensors(folder) -> dict:
@@ -83,12 +82,7 @@ def test_host_memory_holds_one_tensor_at_a_time(exported, tmp_path):
     model = l4jax.load(exported / "l4")
     sizes = [t.nbytes for t in hf_plan(model.config, lambda p: model.dtype)]
     assert sum(sizes) > 5 * max(sizes)
-    tracemalloc.start()
-    try:
-        model.save_pretrained(tmp_path / "m", shard_size=10**12)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = traced_peak(lambda: model.save_pretrained(tmp_path / "m", shard_size=10**12))
     assert peak < 2 * max(sizes) + 2**18, (peak, max(sizes), sum(sizes))
     ref, got = tensors(exported / "hf"), tensors(tmp_path / "m")
     assert sorted(ref) == sorted(got) and all(ref[k].tobytes() == got[k].tobytes() for k in ref)
