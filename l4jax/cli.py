@@ -170,17 +170,19 @@ def _convert(args) -> int:
                          "folder holds config.json and *.safetensors)")
     budget = _read_ahead_bytes(args)
     if args.quantize is not None and args.quantize not in MODES:
-        raise ValueError(f"--quantize: int8 or int4, got {args.quantize!r}")
+        raise ValueError(f"--quantize: {', '.join(MODES)}, got {args.quantize!r}")
     cfg = load_config(src)
     dtype = np.dtype(dtype_name(args.dtype, "--dtype") if args.dtype else hf_import.checkpoint_dtype(src))
+    # An FP8 release converted with --quantize fp8 keeps its FP8 weights as they are, the others as stored.
+    keep_fp8 = args.quantize == "fp8" and hf_import.is_fp8(src)
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
-    reads = hf_import.reads(src, cfg, dtype)
+    reads = hf_import.reads(src, cfg, dtype, keep_fp8=keep_fp8)
     # Resumable: a killed conversion's partial folder is continued by the same command (checkpoints/conversion.py).
     with tqdm(total=sum(n for _, n, _ in reads), unit="B", unit_scale=True, desc=f"convert -> {args.to}",
               file=sys.stderr) as bar:
         conversion.convert(reads, args.to, source=src, config=json.loads((src / "config.json").read_text()),
                            dtype=dtype.name, progress=bar.update, restart=args.restart, budget=budget,
-                           quantize=args.quantize)
+                           quantize=None if keep_fp8 else args.quantize)
     return 0
 
 
@@ -214,9 +216,12 @@ def _plan(args) -> int:
     from .plan.planner import Request, plan, to_json, to_text
     from .plan.targets import parse_target
     target = parse_target(args.target)
+    quantize = args.quantize
+    if quantize is None and args.task != "train" and Path(args.model).is_dir() and hf_import.is_fp8(args.model):
+        quantize = "fp8"  # an FP8 release, as l4jax.load keeps it on a GPU (every large weight counted as FP8)
     req = Request(args.task, batch=args.batch, seq=args.seq, cache=args.cache,
                   mesh=parse_mesh(args.mesh) if args.mesh else {}, dtype=args.dtype, remat=args.remat,
-                  moe_impl=args.moe_impl, kv_int8=args.kv_int8, objective=args.objective, quantize=args.quantize)
+                  moe_impl=args.moe_impl, kv_int8=args.kv_int8, objective=args.objective, quantize=quantize)
     result, planned = plan(load_config(args.model), target, req)
     print(to_json(result, target, args.model, planned) if args.json else to_text(result, target, args.model, planned))
     if args.dump_hlo:
@@ -271,8 +276,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--read-ahead-gb", type=float, default=None,
                       help="GB of tensors held at once while the next ones are read during a write "
                            "(default: the largest tensor's, so the peak stays one tensor's)")
-    conv.add_argument("--quantize", default=None, help="--from-hf: int8 or int4, each large weight quantized as it "
-                      "is read and stored so (l4jax.load reads it as it is)")
+    conv.add_argument("--quantize", default=None, help="--from-hf: int8, int4 or fp8, each large weight quantized as "
+                      "it is read and stored so (l4jax.load reads it as it is); an FP8 release with fp8 keeps its own")
     conv.add_argument("--restart", action="store_true", help="start over instead of continuing the partial "
                       "folder a killed conversion left (.<name>.partial beside --to or --to-hf)")
     conv.set_defaults(run=_convert)
@@ -301,8 +306,9 @@ def _add_generate(sub) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--mesh", default=None, help="e.g. data=1,expert=2,tensor=4 (product = device count)")
     gen.add_argument("--dtype", default=None, help="bf16 or fp32 (default: the checkpoint's)")
-    gen.add_argument("--quantize", default=None, help="int8 or int4: quantize the large weights as they are read "
-                     "(per output channel, or groups of 128 inputs); a checkpoint saved quantized needs none")
+    gen.add_argument("--quantize", default=None, help="int8, int4 or fp8: quantize the large weights as they are "
+                     "read (per output channel, or groups of 128 inputs); a checkpoint saved quantized needs none; an "
+                     "FP8 release keeps its FP8 weights with fp8 (and by default on GPUs with FP8 matmuls)")
     gen.add_argument("--kv-int8", action="store_true", help="an int8 KV cache (a scale per token and kv head): "
                                                             "half the cache memory of bf16")
     gen.set_defaults(run=_generate)
@@ -340,8 +346,8 @@ def _add_plan(sub) -> None:
     pl.add_argument("--remat", default="none", help="training: none, full, dots, dots_no_batch")
     pl.add_argument("--moe-impl", default="auto", help="auto (the chip's), scan, ragged_dot or mgpu")
     pl.add_argument("--kv-int8", action="store_true", help="prefill and decode: an int8 KV cache")
-    pl.add_argument("--quantize", default=None, help="prefill and decode: int8 or int4 weights (as l4jax.load(..., "
-                    "quantize=...) holds them)")
+    pl.add_argument("--quantize", default=None, help="prefill and decode: int8, int4 or fp8 weights (as "
+                    "l4jax.load(..., quantize=...) holds them); an FP8 release's folder plans as fp8")
     pl.add_argument("--objective", default="lm", choices=("lm", "dpo"),
                     help="train: next-token (lm) or DPO (a frozen reference copy of the weights and its forward)")
     pl.add_argument("--json", action="store_true", help="one JSON object (fields: l4jax/plan/planner.py)")

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import Llama4Config
-from ..model.quant import contracted_axes, quantize as quantize_weight
+from ..model.quant import contracted_axes, quantize_param
 from . import hf_export, l4jax_format, safetensors_file
 from .atomic import atomic_dir, partial_dir
 from .read_ahead import Read, interleave, read_ahead
@@ -106,8 +106,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
 
 def _quantizing(read: Callable, path: tuple[str, ...], mode: str) -> Callable:
     """``read``, followed by quantization on the host when the parameter is one that gets quantized."""
-    axes = contracted_axes(path)
-    return read if axes is None else lambda: quantize_weight(read(), axes, mode)
+    return read if contracted_axes(path) is None else lambda: quantize_param(path, read(), mode)
 
 
 def _stored(names: list[str], done: dict) -> tuple[list[str], dict, dict]:
@@ -119,7 +118,7 @@ def _stored(names: list[str], done: dict) -> tuple[list[str], dict, dict]:
             q = done[n]
             stored += [f"{n}/values", f"{n}/scales"]
             sums.update({f"{n}/values": q["values"], f"{n}/scales": q["scales"]})
-            quantized[n] = {k: q[k] for k in ("mode", "contracted", "group")}
+            quantized[n] = {k: v for k, v in q.items() if k not in ("values", "scales")}
         else:
             stored.append(n)
             sums[n] = done[n]

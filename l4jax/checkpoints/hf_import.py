@@ -4,7 +4,8 @@ Accepts the multimodal layout (``language_model.model.*``, ``language_model.lm_h
 skipped for text-only loading) and the text-only ``Llama4ForCausalLM`` layout (``model.*``, ``lm_head.weight``).
 Nothing is read until every header has been checked: a missing, unexpected, mis-shaped or unsupported tensor is
 reported with its key before any weight is loaded. FP8 checkpoints (``quantization_config.quant_method``
-``fbgemm_fp8`` or ``compressed-tensors``) are read dequantized: each FP8 weight times its scales (``scale_key``).
+``fbgemm_fp8`` or ``compressed-tensors``) are read dequantized (each FP8 weight times its scales, ``scale_key``) or,
+with ``keep_fp8``, kept as they are: a ``quant.QArray`` of the FP8 values and a scale per output channel.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 checkpoints)
+import ml_dtypes  # also registers bfloat16 with numpy, for bf16 checkpoints
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..config import Llama4Config
+from ..model.quant import QArray, contracted_axes, scale_shape
 from . import safetensors_file
 from .hf_names import VISION_PREFIXES, Source, layout, sources
 
 SUPPORTED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "F8_E4M3": None}
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 4}  # FP8 weights are read dequantized (float32)
 FP8 = "F8_E4M3"
+FP8_NUMPY = np.dtype(ml_dtypes.float8_e4m3fn)
 # FP8 checkpoints as released: Meta's (fbgemm_fp8: per-row scales, the experts' per output column) and
 # compressed-tensors' (per output channel, or one per tensor). Weights are dequantized as they are read.
 QUANT_METHODS = ("fbgemm_fp8", "compressed-tensors")
@@ -193,8 +196,9 @@ def _fp8_scale(index: SafetensorsIndex, s: Source) -> np.ndarray:
 BLOCK_BYTES = 64 << 20
 
 
-def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
-    """Read, transpose, cast and reshape one parameter into a single fresh array.
+def load_source(index: SafetensorsIndex, s: Source, dtype=None, dequantize: bool = True) -> np.ndarray:
+    """Read, transpose, cast and reshape one parameter into a single fresh array (FP8 values times their scales
+    unless ``dequantize`` is False).
 
     The output is allocated once and filled in blocks of ~64 MB of rows, so a transpose or a cast never holds a
     second full copy of the tensor: peak memory is the output plus one block.
@@ -202,7 +206,7 @@ def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
     part = s.part or tuple(slice(None) for _ in s.shape)
     src_shape = s.read_shape
     stored = index.info(s.key)[1]
-    scale = _fp8_scale(index, s) if stored == FP8 else None  # dequantized as read
+    scale = _fp8_scale(index, s) if stored == FP8 and dequantize else None  # dequantized as read
     if dtype is None:
         dtype = np.float32 if scale is not None else safetensors_file.NUMPY[stored]
     dtype = np.dtype(dtype)
@@ -220,6 +224,27 @@ def load_source(index: SafetensorsIndex, s: Source, dtype=None) -> np.ndarray:
             out[i:i + step] = block
         del block
     return out.reshape(s.out_shape) if s.out_shape else out
+
+
+def load_fp8(index: SafetensorsIndex, s: Source) -> QArray:
+    """FP8 parameter ``s`` kept as FP8: its values transposed and reshaped like the weight, its scales (one per
+    output channel: ``keeps_fp8``) reshaped to match."""
+    values = load_source(index, s, FP8_NUMPY, dequantize=False)
+    scale = _fp8_scale(index, s)  # as read: [out, 1] (a Linear), [E, 1, out] (experts)
+    contracted = contracted_axes(s.path)
+    scale = np.ascontiguousarray(scale.T if s.transpose else scale, np.float32)
+    return QArray(values, scale.reshape(scale_shape(values.shape, contracted, 0)), contracted, 0)
+
+
+def keeps_fp8(index: SafetensorsIndex, s: Source) -> bool:
+    """Whether parameter ``s`` can stay FP8 in l4jax: stored FP8, a weight that l4jax multiplies quantized
+    (``quant.contracted_axes``), scaled per output channel or as a whole (not along its input, axis 1 as read)."""
+    if index.info(s.key)[1] != FP8 or contracted_axes(s.path) is None:
+        return False
+    shape = index.info(scale_key(s.key))[0]
+    shape = tuple(shape[a] for a in _broadcast_scale(s.shape, shape))
+    shape = (1,) * (len(s.shape) - len(shape)) + shape
+    return shape[1] == 1
 
 
 TILE = 256
@@ -245,18 +270,26 @@ def _check_finite(block: np.ndarray, f: Path, key: str, row: int) -> None:
                           "damaged")
 
 
-def reads(folder: str | Path, config: Llama4Config, dtype=None
-          ) -> list[tuple[tuple[str, ...], int, Callable[[], np.ndarray]]]:
+def reads(folder: str | Path, config: Llama4Config, dtype=None, keep_fp8: bool = False
+          ) -> list[tuple[tuple[str, ...], int, Callable[[], np.ndarray | QArray]]]:
     """(l4jax path, bytes, read) of every parameter, in order. Every header is checked against the config first;
-    nothing is read until ``read()`` loads its parameter (``load_source``)."""
+    nothing is read until ``read()`` loads its parameter (``load_source``; with ``keep_fp8``, ``load_fp8`` for
+    each FP8 weight that ``keeps_fp8``)."""
     index = SafetensorsIndex(folder)
     try:
         planned = plan(index, config)
-        itemsize = {s.key: np.dtype(dtype).itemsize if dtype is not None else ITEMSIZE[index.info(s.key)[1]]
-                    for s in planned}
+        kept = {s.key for s in planned if keep_fp8 and keeps_fp8(index, s)}
+        itemsize = {s.key: 1 if s.key in kept else np.dtype(dtype).itemsize if dtype is not None
+                    else ITEMSIZE[index.info(s.key)[1]] for s in planned}
     finally:
         index.close()  # headers checked; from here each read opens and closes its own file
-    return [(s.path, s.size * itemsize[s.key], functools.partial(load_source, index, s, dtype)) for s in planned]
+    return [(s.path, s.size * itemsize[s.key], functools.partial(load_fp8, index, s) if s.key in kept
+             else functools.partial(load_source, index, s, dtype)) for s in planned]
+
+
+def is_fp8(folder: str | Path) -> bool:
+    """Whether an HF folder is an FP8 release (its config.json names a ``quantization_config`` this loader reads)."""
+    return quant_method(Path(folder)) is not None
 
 
 def stream(folder: str | Path, config: Llama4Config, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:

@@ -2,7 +2,7 @@
 
     <dir>/l4jax.json        {"format": "l4jax-orbax", "version": 1, "dtype": ..., "config": <HF config dict>,
                              "params": [parameter paths, "/"-joined], "checksums": {path: checksum.of_array},
-                             "quantized": {weight: {"mode", "contracted", "group"}} (only when some are)}
+                             "quantized": {weight: {"mode", "contracted", "group"[, "layout"]}} (only when some are)}
     <dir>/params/<path>/    an Orbax PyTree item {"value": array}, readable with ocp.StandardCheckpointer
     <dir>/tokenizer*.json   copied from the source model, when present (also generation_ and preprocessor_config)
 
@@ -90,13 +90,12 @@ def save(items: Iterable[tuple[tuple[str, ...], np.ndarray | jax.Array]], out: s
 def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array) -> tuple[str | dict, int]:
     """One parameter as its Orbax item under ``tmp/params``; returns its checksum and byte count. A quantized weight
     (``QArray``) is two items, <name>/values and <name>/scales: its "checksum" is then {"values", "scales", and how
-    it is quantized: "mode", "contracted", "group"}. A failed write is an OSError naming ``out`` and the
+    it is quantized: QArray.describe()}. A failed write is an OSError naming ``out`` and the
     parameter."""
     if isinstance(array, QArray):
         values, n = write_param(ckptr, tmp, out, f"{name}/values", array.values)
         scales, m = write_param(ckptr, tmp, out, f"{name}/scales", array.scales)
-        return {"values": values, "scales": scales, "mode": array.mode, "contracted": list(array.contracted),
-                "group": array.group}, n + m
+        return {"values": values, "scales": scales, **array.describe()}, n + m
     try:
         ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
     except Exception as e:  # a full disk or an I/O error, which TensorStore raises in many types
@@ -107,8 +106,8 @@ def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array)
 def write_manifest(tmp: Path, names: list[str], sums: dict[str, str], *, config: dict, dtype: str,
                    side_files_from: str | Path | None, quantized: dict | None = None) -> None:
     """The side files and, last, ``l4jax.json``: what makes a folder a checkpoint. A quantized weight is stored as
-    two items, <name>/values and <name>/scales, and "quantized" says how ({name: {"mode", "contracted",
-    "group"}}; absent when nothing is)."""
+    two items, <name>/values and <name>/scales, and "quantized" says how ({name: ``QArray.describe()``}; absent
+    when nothing is)."""
     copy_side_files(side_files_from, tmp)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config, "params": names,
                 "checksums": sums}

@@ -15,7 +15,7 @@ from ..checkpoints.read_ahead import read_ahead
 from ..config import Llama4Config, TextConfig, load_config
 from ..model.decoder import Llama4Text, abstract_params, init_params
 from ..model.vision import VISION_PARAMS, ImageEncoder, abstract_vision_params, init_vision_params
-from ..model.quant import MODES, QArray, abstract_stored, contracted_axes, from_stored, quantize as quantize_weight
+from ..model.quant import MODES, QArray, abstract_stored, contracted_axes, from_parts, from_stored, quantize_param
 from ..parallel import param_shardings, partitioning, put
 from ..parallel.shardings import quantized_sharding
 from .model import Model
@@ -86,9 +86,11 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
     tensor is placed on its sharding as it is read, so no device holds the whole model; with several processes
     (``l4jax.parallel.distributed``) every process reads the checkpoint and places only the shards of its own
     devices. ``moe_impl`` and ``attention_impl`` override the kernels of the mesh's chip (``l4jax.model.kernels``).
-    ``quantize="int8"`` or ``"int4"`` quantizes the text decoder's large matmul weights as they are read
+    ``quantize="int8"``, ``"int4"`` or ``"fp8"`` quantizes the text decoder's large matmul weights as they are read
     (``l4jax.model.quant``: per output channel, or groups of 128 inputs), before they reach a device; ``dtype`` is
-    then the compute dtype and that of the weights left as they are.
+    then the compute dtype and that of the weights left as they are. An FP8 release (``fbgemm_fp8``,
+    ``compressed-tensors``) keeps its FP8 weights with their scales with ``quantize="fp8"``, and by default on GPUs
+    with FP8 matmuls (``fp8_matmuls``); otherwise, or with a ``dtype``, it is read dequantized.
     """
     path = Path(path)
     if quantize is not None and quantize not in MODES:
@@ -97,11 +99,16 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
     if l4jax_format.is_checkpoint(path):
         return _load_l4jax(path, dtype, mesh, kernels, vision, quantize)
     config = _resolve_vision(load_config(path), vision, path)
+    # An FP8 release keeps its FP8 weights as they are when asked (quantize="fp8") or by default on a chip with FP8
+    # matmuls; its other weights (modules_to_not_convert) stay as stored. Otherwise it is read dequantized.
+    fp8 = hf_import.is_fp8(path)
+    keep = fp8 and (quantize == "fp8" or (quantize is None and dtype is None and fp8_matmuls(mesh)))
+    quantize = None if keep else quantize
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(hf_import.checkpoint_dtype(path))
     expected = abstract_model(config, dtype)
     shardings = None if mesh is None else param_shardings(config, partitioning(config.text, mesh), dtype)
     params: dict = {}
-    reads = hf_import.reads(path, config, dtype)
+    reads = hf_import.reads(path, config, dtype, keep_fp8=keep)
     # The next tensor is read on a thread while one is placed, holding at most the largest tensor's bytes of them
     # (as `l4jax convert` does: checkpoints/read_ahead.py).
     with read_ahead(reads, max((n for _, n, _ in reads), default=0)) as tensors:
@@ -116,14 +123,22 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
     return Model(config, text, dtype=dtype, mesh=mesh, vision_params=vision_params, **kernels)
 
 
+def fp8_matmuls(mesh=None) -> bool:
+    """Whether the mesh's chips (or the default devices) multiply FP8: NVIDIA GPUs from compute capability 8.9."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+    return all(d.platform == "gpu" and float(getattr(d, "compute_capability", 0) or 0) >= 8.9 for d in devices)
+
+
 def _place(host, path: tuple[str, ...], shardings: dict | None, quantize: str | None):
     """One parameter onto its sharding (or the one device), quantized first on the host when asked and it is one
-    of the weights that get quantized (``quant.contracted_axes``)."""
+    of the weights that get quantized (``quant.contracted_axes``); a ``QArray`` read as such (an FP8 release's
+    weight) is placed as it is."""
     sh = None if shardings is None else tree.get(shardings, path)
     axes = None if quantize is None else contracted_axes(path)
-    if axes is None:
+    if axes is None and not isinstance(host, QArray):
         return host if isinstance(host, jax.Array) else put(host, sh)
-    q = quantize_weight(host, axes, quantize)  # on the host for a host array, else where the array is
+    # on the host for a host array, else where the array is
+    q = host if isinstance(host, QArray) else quantize_param(path, host, quantize)
     qsh = None if sh is None else quantized_sharding(sh, q, path)
     if isinstance(host, jax.Array):
         return jax.device_put(q, qsh) if qsh is not None else q
@@ -137,7 +152,7 @@ def _stored_shardings(shardings: dict, abstract: dict, meta: dict) -> dict:
     for name, m in meta.items():
         path = tuple(name.split("/"))
         node = tree.get(abstract, path)
-        q = QArray(node["values"], node["scales"], tuple(m["contracted"]), m["group"])
+        q = from_parts(node["values"], node["scales"], m)
         qsh = quantized_sharding(tree.get(shardings, path), q, path)
         updates[path] = {"values": qsh.values, "scales": qsh.scales}
     return tree.replace(shardings, updates)

@@ -26,9 +26,12 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     returned cast to ``dtype`` (default ``module.dtype``, the compute dtype). A weight stored quantized
     (``quant.QArray``) is returned dequantized, or as it is with ``quantized=True`` (for a caller that
     dequantizes only the part it reads: the MoE's experts)."""
+    if module.has_variable("params", name) and isinstance(w := module.get_variable("params", name), QArray):
+        # Read as it is: flax's own shape check would compare the values, which may be kept transposed (``layout``).
+        if w.shape != tuple(shape):
+            raise ValueError(f"{module.name}/{name}: a quantized weight of shape {w.shape}, expected {tuple(shape)}")
+        return w if quantized else w.dequantize(module.dtype if dtype is None else dtype)
     w = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), module.param_dtype)
-    if quantized and isinstance(w, QArray):
-        return w
     return weight(w, module.dtype if dtype is None else dtype)
 
 

@@ -168,6 +168,7 @@ def _all_gather(w: jax.Array | QArray, axes: tuple[str, ...], axis: int, whole) 
     axis)."""
     if not isinstance(w, QArray):
         return jax.lax.all_gather(w, axes, axis=axis, tiled=True)
+    axis = w.axis(axis)  # where it is in the values (their layout)
     split = whole.scales.shape[axis] > 1
     scales = jax.lax.all_gather(w.scales, axes, axis=axis, tiled=True) if split else w.scales
     return dataclasses.replace(w, values=jax.lax.all_gather(w.values, axes, axis=axis, tiled=True), scales=scales)

@@ -1,8 +1,9 @@
-"""Weight-only quantization: int8 per output channel, int4 in groups along the input, dequantized where used.
+"""Weight-only quantization: int8 or fp8 per output channel, int4 in groups along the input, dequantized where used.
 
-A quantized weight is a ``QArray``: ``values`` (int8 or int4) in the weight's own shape, so it shards by the same
-logical axes, and fp32 ``scales``, the same shape with each contracted (input) axis reduced: to 1 for int8 (one scale
-per output channel); for int4 the last contracted axis to n / group (one scale per group of ``group`` inputs
+A quantized weight is a ``QArray``: ``values`` (int8, fp8 or int4) in the weight's own shape, so it shards by the
+same logical axes (kept with their axes in another order where XLA wants that: ``stored_layout``), and fp32
+``scales``, the same shape with each contracted (input) axis reduced: to 1 for int8 and fp8 (one scale per output
+channel); for int4 the last contracted axis to n / group (one scale per group of ``group`` inputs
 along it, per output channel and per index of any other contracted axis: attention o's heads).
 The weight is ``values * scales`` (each scale repeated over its group); activations stay in the compute dtype.
 
@@ -14,8 +15,9 @@ vision tower. Modules declare them with ``layers.param(..., quantized=True)`` an
 (``matmul``: no dequantized weight is written to memory), more rows by the weight dequantized once; the MoE reads only
 the experts it uses (``QArray.at``; the grouped matmul dequantizes one expert per tile, ``take``).
 
-Rounding is plain round-to-nearest with symmetric scales (max |w| / 127, or / 7 for int4): what the quality bounds
-of the issue are stated against.
+Rounding is plain round-to-nearest with symmetric scales (max |w| / 127, / 7 for int4, / 448 for fp8): what the
+quality bounds of the issue are stated against. fp8 is also how Meta's FP8 releases store their weights
+(float8_e4m3fn, a scale per output channel): ``l4jax.load`` keeps those as they are (``checkpoints/hf_import.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ import numpy as np
 
 from .. import tree
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "fp8")
+# Stored values and the largest magnitude they take: fp8 is float8_e4m3fn (what Meta's FP8 releases hold; its
+# largest finite value is 448), rounded by the cast, with a scale per output channel like int8.
+DTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp8": jnp.float8_e4m3fn}
+QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 GROUP = 128  # int4: inputs per scale along the last contracted axis (a smaller axis is one group)
 # Parameter name (the last two path keys) -> the axes a matmul contracts ("md,edf->mf" contracts d: axis 1).
 CONTRACTED = {("attn", "q"): (0,), ("attn", "k"): (0,), ("attn", "v"): (0,), ("attn", "o"): (0, 1),
@@ -41,42 +47,76 @@ HEAD = ("lm_head",)  # [D, V]: contracts D
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
-    """A quantized weight: ``values`` [shape] int8/int4 and fp32 ``scales`` (contracted axes reduced)."""
+    """A quantized weight: ``values`` int8/int4 and fp32 ``scales`` (contracted axes reduced), both with their axes in
+    the order ``layout`` (None: the weight's own order; ``shape`` and ``contracted`` always speak of the weight's)."""
 
     values: jax.Array
     scales: jax.Array
     contracted: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     group: int = dataclasses.field(metadata=dict(static=True))  # 0: one scale per output channel
+    layout: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
+        return _unpermute(tuple(self.values.shape), self.layout)
 
     @property
     def mode(self) -> str:
-        return "int4" if self.group else "int8"
+        return "int4" if self.group else "fp8" if self.values.dtype == jnp.float8_e4m3fn else "int8"
+
+    def axis(self, a: int) -> int:
+        """Where the weight's axis ``a`` is in ``values`` and ``scales``."""
+        return a if self.layout is None else self.layout.index(a)
 
     def dequantize(self, dtype) -> jax.Array:
         """The weight [shape] in ``dtype``: values times their scales, computed in fp32. The group follows from
         the shapes, so a device's shard (inside a ``shard_map``) dequantizes the same way as the whole weight."""
         v = self.values.astype(jnp.float32)
-        a, shape = self.contracted[-1], self.shape
+        a, shape = self.axis(self.contracted[-1]), tuple(self.values.shape)
         groups = self.scales.shape[a]
         if self.group and groups > 1:
             grouped = shape[:a] + (groups, shape[a] // groups) + shape[a + 1:]
-            return (v.reshape(grouped) * jnp.expand_dims(self.scales, a + 1)).reshape(shape).astype(dtype)
-        return (v * self.scales).astype(dtype)
+            w = (v.reshape(grouped) * jnp.expand_dims(self.scales, a + 1)).reshape(shape)
+        else:
+            w = v * self.scales
+        return (w if self.layout is None else jnp.transpose(w, _inverse(self.layout))).astype(dtype)
 
     def at(self, index) -> QArray:
         """The experts ``index`` [M] (or one, a scalar) of a stack along its first axis, still quantized."""
-        if 0 in self.contracted:
+        if 0 in self.contracted or self.axis(0) != 0:
             raise ValueError("at: the first axis is contracted; only a batch (expert) axis can be indexed")
+        d = jnp.ndim(index) - 1  # -1: a scalar index drops the expert axis
+        layout = self.layout if self.layout is None or d == 0 else tuple(a - 1 for a in self.layout[1:])
         return dataclasses.replace(self, values=self.values[index], scales=self.scales[index],
-                                   contracted=tuple(a + jnp.ndim(index) - 1 for a in self.contracted))
+                                   contracted=tuple(a + d for a in self.contracted), layout=layout)
 
     def take(self, index, dtype) -> jax.Array:
         """``dequantize(dtype)[index]`` along the first (expert) axis, dequantizing only the rows taken."""
         return self.at(index).dequantize(dtype)
+
+    def describe(self) -> dict:
+        """How it is quantized, as the checkpoint manifest records it (``from_parts`` reads it back)."""
+        d = {"mode": self.mode, "contracted": list(self.contracted), "group": self.group}
+        return d if self.layout is None else {**d, "layout": list(self.layout)}
+
+
+def from_parts(values, scales, described: dict) -> QArray:
+    """A QArray of stored ``values`` and ``scales`` and its ``describe()`` record."""
+    layout = described.get("layout")
+    return QArray(values, scales, tuple(described["contracted"]), described["group"],
+                  None if layout is None else tuple(layout))
+
+
+def _inverse(layout: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(layout.index(a) for a in range(len(layout)))
+
+
+def _permute(shape: tuple, layout: tuple[int, ...] | None) -> tuple:
+    return shape if layout is None else tuple(shape[a] for a in layout)
+
+
+def _unpermute(shape: tuple, layout: tuple[int, ...] | None) -> tuple:
+    return shape if layout is None else _permute(shape, _inverse(layout))
 
 
 def scale_shape(shape: tuple[int, ...], contracted: tuple[int, ...], group: int) -> tuple[int, ...]:
@@ -93,7 +133,7 @@ def group_size(shape: tuple[int, ...], contracted: tuple[int, ...], mode: str, g
     An axis that ``group`` does not divide is a ValueError naming both."""
     if mode not in MODES:
         raise ValueError(f"quantize: unknown mode {mode!r}; expected one of {MODES}")
-    if mode == "int8":
+    if mode != "int4":
         return 0
     n = shape[contracted[-1]]
     if n <= group:
@@ -103,27 +143,31 @@ def group_size(shape: tuple[int, ...], contracted: tuple[int, ...], mode: str, g
     return group
 
 
-def quantize(w, contracted: tuple[int, ...], mode: str, group: int = GROUP) -> QArray:
-    """Round-to-nearest symmetric quantization of w (host numpy or jax array) -> QArray (numpy on the host for a
-    numpy input, so a loader can quantize tensor by tensor before placing anything on a device). A host array is
-    quantized in blocks of ~64 MB of float32 along an axis whose indices have scales of their own, so the
-    temporaries stay small beside the tensor."""
+def quantize(w, contracted: tuple[int, ...], mode: str, group: int = GROUP,
+             layout: tuple[int, ...] | None = None) -> QArray:
+    """Round-to-nearest symmetric quantization of w (host numpy or jax array) -> QArray, its values and scales
+    stored with their axes in the order ``layout`` (None: w's own). Numpy on the host for a numpy input, so a
+    loader can quantize tensor by tensor before placing anything on a device: quantized in blocks of ~64 MB of
+    float32 along an axis whose indices have scales of their own, so the temporaries stay small beside the tensor."""
+    contracted = tuple(contracted)
     g = group_size(tuple(w.shape), contracted, mode, group)
     if not isinstance(w, np.ndarray):
         values, scales = _rtn(w, contracted, g, mode, jnp)
-        return QArray(values, scales, tuple(contracted), g)
+        if layout is not None:
+            values, scales = jnp.transpose(values, layout), jnp.transpose(scales, layout)
+        return QArray(values, scales, contracted, g, layout)
+    order = layout or tuple(range(w.ndim))
     free = [a for a in range(w.ndim) if a not in (contracted[-1:] if g else contracted)]
-    values = np.empty(w.shape, jnp.int4 if mode == "int4" else jnp.int8)
-    scales = np.empty(scale_shape(tuple(w.shape), tuple(contracted), g), np.float32)
-    if not free:
-        values[...], scales[...] = _rtn(w, contracted, g, mode, np)
-        return QArray(values, scales, tuple(contracted), g)
-    a = free[0]
-    step = max(1, BLOCK_BYTES // max(1, 4 * w.size // w.shape[a]))
+    values = np.empty(_permute(tuple(w.shape), layout), DTYPES[mode])
+    scales = np.empty(_permute(scale_shape(tuple(w.shape), contracted, g), layout), np.float32)
+    a = free[0] if free else 0
+    step = max(1, BLOCK_BYTES // max(1, 4 * w.size // w.shape[a])) if free else w.shape[a]
     for i in range(0, w.shape[a], step):
         cut = (slice(None),) * a + (slice(i, i + step),)
-        values[cut], scales[cut] = _rtn(w[cut], contracted, g, mode, np)
-    return QArray(values, scales, tuple(contracted), g)
+        v, sc = _rtn(w[cut], contracted, g, mode, np)
+        into = (slice(None),) * order.index(a) + (slice(i, i + step),)
+        values[into], scales[into] = np.transpose(v, order), np.transpose(sc, order)
+    return QArray(values, scales, contracted, g, layout)
 
 
 BLOCK_BYTES = 64 << 20
@@ -133,7 +177,7 @@ def _rtn(w, contracted: tuple[int, ...], g: int, mode: str, xp):
     """(values, scales) of w by round-to-nearest: per output channel (g = 0) or groups of g along the last
     contracted axis."""
     w32 = xp.asarray(w, dtype=xp.float32)
-    qmax = 7.0 if mode == "int4" else 127.0
+    qmax = QMAX[mode]
     if g:
         a, shape = contracted[-1], tuple(w.shape)
         grouped = w32.reshape(shape[:a] + (shape[a] // g, g) + shape[a + 1:])
@@ -144,8 +188,9 @@ def _rtn(w, contracted: tuple[int, ...], g: int, mode: str, xp):
     else:
         amax = xp.max(xp.abs(w32), axis=contracted, keepdims=True)
         scales = xp.where(amax > 0, amax / qmax, 1.0).astype(xp.float32)
-        values = xp.clip(xp.round(w32 / scales), -qmax, qmax)
-    return values.astype(jnp.int4 if mode == "int4" else jnp.int8), scales
+        values = xp.clip(w32 / scales, -qmax, qmax)
+        values = values if mode == "fp8" else xp.round(values)  # fp8: the cast rounds to its own grid
+    return values.astype(DTYPES[mode]), scales
 
 
 def contracted_axes(path: tuple[str, ...]) -> tuple[int, ...] | None:
@@ -154,6 +199,22 @@ def contracted_axes(path: tuple[str, ...]) -> tuple[int, ...] | None:
     if tuple(path) == HEAD:
         return (0,)
     return CONTRACTED.get(tuple(path[-2:])) if path[0].startswith("layers_") else None
+
+
+def stored_layout(path: tuple[str, ...], mode: str) -> tuple[int, ...] | None:
+    """The order of axes a weight's quantized values are kept in: the weight's own (None), except int4 routed-expert
+    ``gate`` and ``up`` stacks [E, D, F], kept [E, F, D] (D, the contracted axis, minor). Compiled for an H100, XLA
+    otherwise relays both stacks of every layer out that way before the decode loop (Scout: 31.5 GiB of copies);
+    the other int4 weights it reads as they are (docs/performance.md)."""
+    return (0, 2, 1) if mode == "int4" and tuple(path[-2:]) in MINOR else None
+
+
+MINOR = {("moe", "gate"), ("moe", "up")}
+
+
+def quantize_param(path: tuple[str, ...], w, mode: str, group: int = GROUP) -> QArray:
+    """The parameter at ``path`` (one that gets quantized: ``contracted_axes``) quantized as the model keeps it."""
+    return quantize(w, contracted_axes(path), mode, group, stored_layout(path, mode))
 
 
 def weight(w, dtype) -> jax.Array:
@@ -167,11 +228,13 @@ def take(w, index, dtype) -> jax.Array:
 
 
 def with_scales(w, spec):
-    """The PartitionSpec (or anything placed per leaf: a NamedSharding) of a weight, for a QArray a QArray of
-    them: the values take the weight's, the scales the same except on axes where they have size 1 (replicated)."""
+    """The PartitionSpec of a weight, for a QArray a QArray of them: the values take the weight's (in their
+    ``layout``), the scales the same except on axes where they have size 1 (replicated)."""
     if not isinstance(w, QArray):
         return spec
-    return dataclasses.replace(w, values=spec, scales=scales_spec(spec, w.scales.shape))
+    entries = tuple(spec) + (None,) * (len(w.shape) - len(spec))
+    values = type(spec)(*_permute(entries, w.layout))
+    return dataclasses.replace(w, values=values, scales=scales_spec(values, w.scales.shape))
 
 
 def scales_spec(spec, shape: tuple[int, ...]):
@@ -188,10 +251,10 @@ def _is_q(x) -> bool:
 
 
 def to_stored(params: dict) -> tuple[dict, dict]:
-    """(params with each QArray as {"values", "scales"}, {"/"-joined name: {"mode", "contracted", "group"}})."""
+    """(params with each QArray as {"values", "scales"}, {"/"-joined name: its ``describe()``})."""
     out, meta = params, {}
     for path, q in _quantized(params):
-        meta["/".join(path)] = {"mode": q.mode, "contracted": list(q.contracted), "group": q.group}
+        meta["/".join(path)] = q.describe()
         out = tree.replace(out, {path: {"values": q.values, "scales": q.scales}})
     return out, meta
 
@@ -202,21 +265,22 @@ def from_stored(params: dict, meta: dict) -> dict:
     for name, m in meta.items():
         path = tuple(name.split("/"))
         node = tree.get(out, path)
-        out = tree.replace(out, {path: QArray(node["values"], node["scales"], tuple(m["contracted"]), m["group"])})
+        out = tree.replace(out, {path: from_parts(node["values"], node["scales"], m)})
     return out
 
 
 def abstract_stored(abstract: dict, meta: dict) -> dict:
     """The ShapeDtypeStructs a checkpoint with quantized weights ``meta`` holds: each named weight's [shape] as
-    {"values": int8/int4 [shape], "scales": float32 [scale_shape]}."""
+    {"values": int8/int4, "scales": float32 [scale_shape]}, both in the recorded layout."""
     out = abstract
     for name, m in meta.items():
         path = tuple(name.split("/"))
         shape = tuple(tree.get(out, path).shape)
-        dtype = jnp.int4 if m["mode"] == "int4" else jnp.int8
+        dtype = DTYPES[m["mode"]]
+        layout = None if m.get("layout") is None else tuple(m["layout"])
         scales = scale_shape(shape, tuple(m["contracted"]), m["group"])
-        out = tree.replace(out, {path: {"values": jax.ShapeDtypeStruct(shape, dtype),
-                                        "scales": jax.ShapeDtypeStruct(scales, jnp.float32)}})
+        out = tree.replace(out, {path: {"values": jax.ShapeDtypeStruct(_permute(shape, layout), dtype),
+                                        "scales": jax.ShapeDtypeStruct(_permute(scales, layout), jnp.float32)}})
     return out
 
 
@@ -231,17 +295,18 @@ def abstract_quantized(abstract: dict, mode: str, group: int = GROUP) -> dict:
     for path, leaf in tree.leaves(abstract):
         axes = contracted_axes(path)
         if axes is not None:
-            g = group_size(tuple(leaf.shape), axes, mode, group)
-            values = jax.ShapeDtypeStruct(leaf.shape, jnp.int4 if mode == "int4" else jnp.int8)
-            scales = jax.ShapeDtypeStruct(scale_shape(tuple(leaf.shape), axes, g), jnp.float32)
-            updates[path] = QArray(values, scales, axes, g)
+            g, layout = group_size(tuple(leaf.shape), axes, mode, group), stored_layout(path, mode)
+            shape, scales = tuple(leaf.shape), scale_shape(tuple(leaf.shape), axes, g)
+            values = jax.ShapeDtypeStruct(_permute(shape, layout), DTYPES[mode])
+            updates[path] = QArray(values, jax.ShapeDtypeStruct(_permute(scales, layout), jnp.float32), axes, g,
+                                   layout)
     return tree.replace(abstract, updates)
 
 
 def quantize_params(params: dict, mode: str, group: int = GROUP) -> dict:
     """A text decoder's parameters with each weight that gets quantized replaced by its QArray (computed where the
     arrays are: on the device for jax arrays), the rest as they are."""
-    updates = {path: quantize(w, contracted_axes(path), mode, group)
+    updates = {path: quantize_param(path, w, mode, group)
                for path, w in tree.leaves(params) if contracted_axes(path) is not None}
     return tree.replace(params, updates)
 
@@ -264,13 +329,14 @@ def matmul(eq: str, x: jax.Array, q: QArray) -> jax.Array:
         lhs, out = lhs.replace("...", free), out.replace("...", free)
     f32 = dict(preferred_element_type=jnp.float32)
     v = q.values.astype(x.dtype)
+    rhs = "".join(_permute(tuple(rhs), q.layout))  # the values' own axis order
     contracted = [c for c in rhs if c not in out]
     if all(n == 1 for c, n in zip(rhs, q.scales.shape) if c in contracted):  # a scale per output: after the dot
         y = jnp.einsum(f"{lhs},{rhs}->{out}", x, v, **f32)
         kept = "".join(c for c in rhs if c in out)
         s = q.scales.reshape([n for c, n in zip(rhs, q.scales.shape) if c in out])
         return jnp.einsum(f"{out},{kept}->{out}", y, s)
-    a = q.contracted[-1]
+    a = q.axis(q.contracted[-1])
     c, G = rhs[a], q.scales.shape[a]
     g = next(ch for ch in "ABCDEFGHIJ" if ch not in eq)  # the groups' axis
     i = lhs.index(c)

@@ -13,7 +13,7 @@ from ..config import Llama4Config
 from .. import tree
 from ..model.axes import Partitioning, ShardingError
 from ..model.decoder import Llama4Text, abstract_params
-from ..model.quant import QArray, scales_spec
+from ..model.quant import QArray, with_scales
 from ..model.vision import ImageEncoder, abstract_vision_params
 from .rules import axes_size
 
@@ -54,9 +54,10 @@ def quantized_sharding(sh: NamedSharding, q: QArray, path: tuple[str, ...]) -> Q
     """The shardings of a quantized weight placed like the weight ``sh``: its values on ``sh``, its scales the same
     but replicated along their size-1 axes. A scale axis that its mesh axes do not divide is a ShardingError naming
     the parameter."""
-    spec = scales_spec(sh.spec, q.scales.shape)
-    for axis, (entry, n) in enumerate(zip(spec, q.scales.shape)):
+    specs = with_scales(q, sh.spec)  # in the values' layout
+    for axis, (entry, n) in enumerate(zip(specs.scales, q.scales.shape)):
         if entry is not None and n % axes_size(sh.mesh, entry):
-            raise ShardingError(f"{'/'.join(path)}: its {n} int4 scale groups along axis {axis} do not split over mesh "
-                                f"axes {entry} (size {axes_size(sh.mesh, entry)}); use int8 or another mesh")
-    return dataclasses.replace(q, values=sh, scales=NamedSharding(sh.mesh, spec))
+            raise ShardingError(f"{'/'.join(path)}: its {n} int4 scale groups along axis {q.axis(axis)} do not split "
+                                f"over mesh axes {entry} (size {axes_size(sh.mesh, entry)}); use int8 or another mesh")
+    return dataclasses.replace(q, values=NamedSharding(sh.mesh, specs.values),
+                               scales=NamedSharding(sh.mesh, specs.scales))

@@ -88,13 +88,13 @@ def train_costs(cfg: TextConfig, *, batch: int, seq: int, param_bytes: int, comp
 
 
 # Bytes per weight element of a quantized model's matmul weights (its scales are <1% more).
-WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5}
+WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5, "fp8": 1.0}
 
 
 def prefill_costs(cfg: TextConfig, *, batch: int, seq: int, cache: int, itemsize: int, devices: int,
                   kv_int8: bool = False, quantize: str | None = None) -> Costs:
     """The prompt's forward: every weight read once (a long prompt picks every expert), the cache written.
-    ``quantize``: the weights read at int8 or int4 size (the few left unquantized, norms and router, included)."""
+    ``quantize``: the weights read at int8, fp8 or int4 size (the few left unquantized, norms and router, included)."""
     read = weights(cfg).read(experts_touched(cfg, batch * seq)) * WEIGHT_BYTES.get(quantize, itemsize)
     kv = cache_bytes(cfg, batch, cache, 1, scales=True) if kv_int8 else cache_bytes(cfg, batch, cache, itemsize)
     return Costs(forward_flops_per_token(cfg, seq) * batch * seq, read + kv, devices)
@@ -102,7 +102,7 @@ def prefill_costs(cfg: TextConfig, *, batch: int, seq: int, cache: int, itemsize
 
 def decode_costs(cfg: TextConfig, *, batch: int, cache: int, itemsize: int, devices: int,
                  kv_int8: bool = False, quantize: str | None = None) -> Costs:
-    """One token per row after a full cache: the weights of the experts picked (at int8 or int4 size with
+    """One token per row after a full cache: the weights of the experts picked (at int8, fp8 or int4 size with
     ``quantize``) and the whole cache read."""
     read = weights(cfg).read(experts_touched(cfg, batch)) * WEIGHT_BYTES.get(quantize, itemsize)
     kv = cache_bytes(cfg, batch, cache, 1, scales=True) if kv_int8 else cache_bytes(cfg, batch, cache, itemsize)

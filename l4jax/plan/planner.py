@@ -43,7 +43,7 @@ class Request:
     remat: str = "none"
     moe_impl: str = "auto"
     kv_int8: bool = False  # prefill and decode: an int8 KV cache
-    quantize: str | None = None  # prefill and decode: int8 or int4 weights (l4jax.model.quant)
+    quantize: str | None = None  # prefill and decode: int8, int4 or fp8 weights (l4jax.model.quant)
     objective: str = "lm"  # train: "lm" or "dpo" (a frozen reference copy of the weights, its forward in the step)
 
     def __post_init__(self):

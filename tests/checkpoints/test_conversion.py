@@ -352,7 +352,7 @@ def test_a_quantized_conversion_is_the_quantized_load_and_resumes(hf, tmp_path, 
     np.testing.assert_array_equal(np.asarray(converted(ids, mask)),
                                   np.asarray(l4jax.load(hf / "hf", quantize="int4")(ids, mask)))
     assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(tmp_path / "x"), "--quantize", "int2"]) == 2
-    assert "--quantize: int8 or int4, got 'int2'" in capsys.readouterr().err
+    assert "--quantize: int8, int4, fp8, got 'int2'" in capsys.readouterr().err
 
 
 def test_a_quantized_conversion_killed_at_the_final_rename_only_renames(hf, tmp_path, monkeypatch):

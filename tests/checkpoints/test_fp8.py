@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import l4jax
+from l4jax.cli import main
 from l4jax.checkpoints.hf_import import CheckpointError
+from l4jax.model.quant import QArray
 from tiny import batch, hf_model
 
 FP8_MAX = 448.0
@@ -68,6 +70,34 @@ def test_an_fp8_release_gives_the_logits_of_its_dequantized_weights(tmp_path, me
     assert np.abs(ref - unquantized).max() > 1e-3  # FP8 rounding shows: the comparison below can fail
     ours = np.asarray(l4jax.load(tmp_path / "fp8", dtype="float32")(ids, mask))[real]
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow  # five loads and a conversion
+def test_an_fp8_release_kept_in_fp8(tmp_path):
+    """quantize="fp8" keeps the release's FP8 weights with a scale per output channel (the router, norms, embedding
+    and LM head as stored): the logits of the dequantized load, on one device and a mesh; saved and loaded bit
+    for bit."""
+    model = hf_model("maverick", seed=9)
+    fp8_checkpoint(model, tmp_path / "fp8", "fbgemm_fp8")
+    ids, mask, _ = batch()
+    want = np.asarray(l4jax.load(tmp_path / "fp8", dtype="float32")(ids, mask))
+    kept = l4jax.load(tmp_path / "fp8", dtype="float32", quantize="fp8")
+    layer = kept.params["layers_1"]
+    for name, shape in (("attn/q", (1, 4, 16)), ("attn/o", (1, 1, 64)), ("moe/gate", (4, 1, 32)),
+                        ("moe/down", (4, 1, 64))):
+        q = l4jax.tree.get(layer, tuple(name.split("/")))
+        assert isinstance(q, QArray) and q.mode == "fp8" and q.scales.shape == shape, (name, q)
+    assert not isinstance(kept.params["lm_head"], QArray) and not isinstance(layer["moe"]["router"], QArray)
+    np.testing.assert_allclose(np.asarray(kept(ids, mask)), want, rtol=0, atol=2e-5)
+    sharded = l4jax.load(tmp_path / "fp8", dtype="float32", quantize="fp8", mesh=l4jax.make_mesh(expert=2, tensor=4))
+    np.testing.assert_allclose(np.asarray(sharded(ids, mask)), want, rtol=0, atol=2e-5)
+    kept.save(tmp_path / "saved")
+    assert main(["convert", "--from-hf", str(tmp_path / "fp8"), "--to", str(tmp_path / "converted"), "--dtype", "fp32",
+                 "--quantize", "fp8"]) == 0
+    for folder in ("saved", "converted"):
+        back = l4jax.load(tmp_path / folder)
+        assert back.params["layers_1"]["moe"]["gate"].values.dtype == np.dtype("float8_e4m3fn")
+        np.testing.assert_array_equal(np.asarray(back(ids, mask)), np.asarray(kept(ids, mask)))
 
 
 def test_bad_fp8_checkpoints_name_the_tensor_or_field(tmp_path):

@@ -52,6 +52,30 @@ def test_rounding_is_within_half_a_step(mode):
     np.testing.assert_allclose(back, rtn(w, (1,), mode), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_transposed_layout_holds_the_same_weight(mode):
+    """Values kept [E, F, D] for a weight [E, D, F] (quant.stored_layout): the same numbers on the host and on the
+    device, the same dequantized weight, experts taken one or several at a time, and matmul as einsum."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 256, 40)).astype(np.float32)
+    plain = quant.quantize(w, (1,), mode)
+    host, device = quant.quantize(w, (1,), mode, layout=(0, 2, 1)), quant.quantize(jax.numpy.asarray(w), (1,), mode,
+                                                                                  layout=(0, 2, 1))
+    assert host.values.shape == (3, 40, 256) and host.shape == w.shape
+    on_device = quant.quantize(jax.numpy.asarray(w), (1,), mode)
+    for q, p in ((host, plain), (device, on_device)):  # (XLA's and numpy's scales may differ in the last bit)
+        np.testing.assert_array_equal(np.asarray(q.values), np.transpose(np.asarray(p.values), (0, 2, 1)))
+        np.testing.assert_array_equal(np.asarray(q.scales), np.transpose(np.asarray(p.scales), (0, 2, 1)))
+    np.testing.assert_array_equal(np.asarray(host.dequantize(np.float32)), np.asarray(plain.dequantize(np.float32)))
+    np.testing.assert_array_equal(np.asarray(host.take(1, np.float32)), np.asarray(plain.take(1, np.float32)))
+    e = np.array([2, 0])
+    np.testing.assert_array_equal(np.asarray(host.take(e, np.float32)), np.asarray(plain.take(e, np.float32)))
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    want = np.einsum("md,mdf->mf", x, np.asarray(plain.take(e, np.float32)))
+    np.testing.assert_allclose(np.asarray(quant.matmul("md,mdf->mf", x, host.at(e))), want, rtol=1e-5, atol=1e-5)
+    assert quant.from_parts(host.values, host.scales, host.describe()) == host
+
+
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="quantize: expected one of"):
         l4jax.load(tmp_path, quantize="int3")
@@ -114,9 +138,10 @@ def test_int4_groups_split_over_fsdp(tmp_path):
     folder = save(hf_model("scout", seed=2, hidden_size=256, intermediate_size=256), tmp_path / "hf")
     ids, mask, _ = batch()
     one = l4jax.load(folder, quantize="int4")
-    assert one.params["layers_0"]["moe"]["gate"].scales.shape == (4, 2, 256)
+    gate = one.params["layers_0"]["moe"]["gate"]  # [E, D, F] kept [E, F, D] (quant.stored_layout)
+    assert gate.shape == (4, 256, 256) and gate.layout == (0, 2, 1) and gate.scales.shape == (4, 256, 2)
     sharded = l4jax.load(folder, quantize="int4", mesh=l4jax.make_mesh(fsdp=2, expert=2, tensor=2))
-    assert sharded.params["layers_0"]["moe"]["gate"].scales.sharding.spec[1] == "fsdp"
+    assert sharded.params["layers_0"]["moe"]["gate"].scales.sharding.spec[2] == "fsdp"
     np.testing.assert_allclose(np.asarray(sharded(ids, mask)), np.asarray(one(ids, mask)), rtol=0, atol=1e-5)
 
 
@@ -128,7 +153,8 @@ def test_quantize_save_load_gives_the_same_logits_bit_for_bit(folders, tmp_path)
     want = np.asarray(model(ids, mask))
     model.save(tmp_path / "q")
     manifest = l4jax.checkpoints.l4jax_format.read_manifest(tmp_path / "q")
-    assert manifest["quantized"]["layers_1/moe/gate"] == {"mode": "int4", "contracted": [1], "group": 64}
+    assert manifest["quantized"]["layers_1/moe/gate"] == {"mode": "int4", "contracted": [1], "group": 64,
+                                                           "layout": [0, 2, 1]}
     assert "layers_1/moe/gate/values" in manifest["params"] and "layers_1/moe/gate" not in manifest["params"]
     back = l4jax.load(tmp_path / "q")
     q = back.params["layers_1"]["moe"]["gate"]

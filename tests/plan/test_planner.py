@@ -124,4 +124,23 @@ def test_a_quantized_decode_plan_holds_quantized_weights(capsys):
     assert q["costs"]["bytes"] < plain["costs"]["bytes"]
     assert main(["plan", "--model", "tiny", "--target", "cpu", "--task", "train", "--quantize", "int4", "--mesh",
                  "fsdp=8"]) == 2
-    assert "--quantize 'int4': int8 or int4, for tasks prefill and decode" in capsys.readouterr().err
+    assert "--quantize 'int4': int8 or int4 or fp8, for tasks prefill and decode" in capsys.readouterr().err
+
+
+def test_an_fp8_release_plans_with_its_fp8_weights(tmp_path, capsys):
+    """An FP8 release's folder (config.json with a quantization_config) plans as fp8: a byte per large weight
+    and its scales, as --quantize fp8 gives for the same model in bf16."""
+    config = l4jax.load_config("tiny").text.to_hf()
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "fbgemm_fp8", "modules_to_not_convert": ["lm_head"]}}))
+    args = ["--target", "cpu", "--task", "decode", "--batch", "8", "--cache", "64", "--json", "--mesh", "data=8"]
+    assert main(["plan", "--model", str(tmp_path / "fp8")] + args) == 0
+    release = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "tiny", "--quantize", "fp8"] + args) == 0
+    fp8 = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "tiny"] + args) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert release["shapes"]["quantize"] == fp8["shapes"]["quantize"] == "fp8"
+    assert release["held_per_device"]["weights"] == fp8["held_per_device"]["weights"]
+    assert fp8["held_per_device"]["weights"] < 0.6 * fp32["held_per_device"]["weights"]
