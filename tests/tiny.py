@@ -11,6 +11,7 @@ import shutil
 import tracemalloc
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 from PIL import Image
@@ -228,3 +229,36 @@ def traced_peak(fn) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+# Training on the tiny preset (tests/train, tests/model/test_context.py).
+
+def packed_batch(ids: np.ndarray, docs_per_row: int = 1) -> dict:
+    """A batch dict as ``PackedDataset.batch`` gives it: rows of ``docs_per_row`` equal documents."""
+    B, n = ids.shape
+    seg = np.repeat(np.arange(1, docs_per_row + 1), n // docs_per_row)[None].repeat(B, 0).astype(np.int32)
+    pos = (np.arange(n) % (n // docs_per_row))[None].repeat(B, 0).astype(np.int32)
+    targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), ids.dtype)], axis=1).astype(np.int32)
+    loss_mask = np.concatenate([seg[:, 1:] == seg[:, :-1], np.zeros((B, 1), bool)], axis=1).astype(np.float32)
+    return {"inputs": ids.astype(np.int32), "targets": targets, "segment_ids": seg, "positions": pos,
+            "loss_mask": loss_mask}
+
+
+def tiny_setup(**overrides):
+    """The tiny preset, its train settings (32 tokens, 8 rows) and a batch of two documents per row."""
+    from l4jax.config import load_config
+    from l4jax.train.settings import TrainConfig
+    config = load_config("tiny")
+    tc = TrainConfig(seq_len=32, batch_size=8, steps=10, warmup_steps=2, lr=1e-2, **overrides)
+    ids = np.random.default_rng(1).integers(3, 512, (8, 32))
+    return config, tc, packed_batch(ids, docs_per_row=2)
+
+
+def run_steps(trainer, batch, n=2, params=None):
+    """n steps of ``trainer`` on one batch: (the losses, the weights after them)."""
+    state, frozen = trainer.init_state(params)
+    losses = []
+    for _ in range(n):
+        state, m = trainer.step(state, frozen, batch)
+        losses.append(float(m["loss"]))
+    return losses, jax.device_get(state["params"])

@@ -120,8 +120,13 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, t
     (ids, mask), _ = pad_batch(model.mesh, ids, mask)
     if embeds is not None:
         (embeds,), _ = pad_batch(model.mesh, embeds)
+    # A long-context mesh splits the prompt evenly: more left padding (which changes no number) makes it divide.
+    left = -T % model.part.context
+    if left:
+        ids, mask = (np.pad(a, ((0, 0), (left, 0))) for a in (ids, mask))
+        embeds = None if embeds is None else jnp.pad(embeds, ((0, 0), (left, 0), (0, 0)))
     full_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, new)), constant_values=1))
-    cache = KVCache.init(cfg, ids.shape[0], T + new, cache_dtype, model.part)
+    cache = KVCache.init(cfg, ids.shape[0], left + T + new, cache_dtype, model.part)
     logits, cache = _prefill(model.module, model.params, Inputs(jnp.asarray(ids), full_mask, embeds=embeds), cache)
     state = Decoding(logits, jax.random.key(seed), cache, jnp.arange(ids.shape[0]) >= B)
     pad = jnp.int32(cfg.pad_token_id if cfg.pad_token_id is not None else 0)

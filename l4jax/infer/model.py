@@ -20,6 +20,7 @@ from .. import tree
 from ..checkpoints import hf_export, l4jax_format
 from ..config import Llama4Config
 from ..model.axes import ACT_VOCAB, BATCH, LENGTH
+from ..model.context import check_split
 from ..model.decoder import Inputs, Llama4Text
 from ..model.kernels import Kernels
 from ..model.quant import to_stored
@@ -110,6 +111,7 @@ class Model:
         """
         ids, mask = check_tokens(input_ids, attention_mask, self.config.text.vocab_size,
                                  max_len=self.config.text.max_position_embeddings)
+        check_split(ids.shape[1], self.part)  # a long-context mesh splits the sequence evenly
         px = None if pixel_values is None else self.check_images(ids, pixel_values)
         if px is None and self.config.vision is not None:
             check_image_tokens(ids, 0, self.config.image_token_index)

@@ -248,6 +248,10 @@ class Attention(nn.Module):
                 slots = cached_slots(L, ctx.q_index[0, 0])[None]
                 past = (*as_keys(kv, k.dtype), slots, *self._cached(slots, ctx, chunk))
             kv = write(kv, k, v, ctx.q_index)
+        if past is None and self.part.context > 1 and k.shape[1] > 1:  # a sequence split over devices
+            from .context import attend_split  # context.py builds on this module's functions
+            return attend_split(q, k, v, ctx.q_index, k_valid, group, scale, chunk, self.part,
+                                self.kernels.query_block), kv
         if past is None and self.kernels.attention != "xla" and k.shape[1] > 1:
             return flash_attend(q, k, v, segments(k_valid, group), scale,
                                 interpret=self.kernels.attention == "flash_interpret"), kv

@@ -21,6 +21,7 @@ VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERT, EXPERT_MLP, NORM, LAYERS =
 # Activation axes.
 BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
     "act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+CACHE_LENGTH = "cache_length"  # the slots of a global layer's KV cache
 
 class ShardingError(ValueError):
     """A mesh or a model does not fit the sharding rules; the message names the axis and the sizes."""
@@ -48,14 +49,40 @@ class Partitioning:
         """The PartitionSpec of an array whose dimensions carry the logical ``names``."""
         return nn.logical_to_mesh_axes(tuple(names), self.rules)
 
-    def sharding(self, names: Sequence[str | None]) -> jax.sharding.NamedSharding:
-        return jax.sharding.NamedSharding(self.mesh, self.spec(names))
+    def sharding(self, names: Sequence[str | None], shape: Sequence[int] | None = None) -> jax.sharding.NamedSharding:
+        """The NamedSharding of ``names``; with the array's ``shape``, fitted as ``constrain`` fits it."""
+        spec = self.spec(names)
+        if shape is not None:
+            spec = P(*(self._fit(e, n) for e, n in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape)))
+        return jax.sharding.NamedSharding(self.mesh, spec)
 
     def constrain(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-        """``with_sharding_constraint`` by logical names; the identity on one device."""
+        """``with_sharding_constraint`` by logical names; the identity on one device. A dimension that the mesh
+        axes of the sequence (``LENGTH``) do not divide, such as a decode step's one token, is left unsplit on them."""
         if self.mesh is None:
             return x
-        return nn.with_logical_constraint(x, tuple(names), rules=self.rules, mesh=self.mesh)
+        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+
+    def _fit(self, entry, n: int):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        if n % self.axis_size(entry) == 0 or not set(axes) & set(self.sequence_axes):
+            return entry
+        kept = tuple(a for a in axes if a not in self.sequence_axes)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    @property
+    def sequence_axes(self) -> tuple[str, ...]:
+        """The mesh axes a prefill or training row's sequence is split over (long context); () on one device."""
+        if self.mesh is None:
+            return ()
+        entry = self.spec((LENGTH,))[0]
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        return tuple(a for a in axes if self.mesh.shape[a] > 1)
+
+    @property
+    def context(self) -> int:
+        """Devices a row's sequence is split over (1: not split)."""
+        return self.axis_size(self.sequence_axes or None)
 
     def axis_size(self, names) -> int:
         """Devices a dimension sharded as ``names`` (a spec entry: None, a mesh axis or a tuple of them) spans."""

@@ -1,6 +1,6 @@
 """The KV cache: a registered dataclass pytree that knows its own shapes, logical axes and shardings.
 
-Layer i keeps k[i] [B, K, L_i, hd] and v[i] [B, K, hd, L_i] (logical axes ``KVCache.AXES``): chunked (RoPE)
+Layer i keeps k[i] [B, K, L_i, hd] and v[i] [B, K, hd, L_i] (logical axes ``KVCache.axes``): chunked (RoPE)
 layers a ring of L_i = attention_chunk_size entries, since a query never sees past the start of its own chunk;
 global (NoPE) layers L_i = S, the whole run. For Scout at long context that is ~3/4 less memory than a full-length
 cache on every layer.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import TextConfig
-from .axes import ACT_KV_HEADS, BATCH, Partitioning
+from .axes import ACT_KV_HEADS, BATCH, CACHE_LENGTH, Partitioning
 
 
 class LayerKV(NamedTuple):
@@ -54,8 +54,14 @@ class KVCache:
     pos: jax.Array            # [] int32: tokens written so far
     empty: bool = False       # static: nothing written yet
 
-    AXES = (BATCH, ACT_KV_HEADS, None, None)  # logical axes of every k[i] and v[i]
-    SCALE_AXES = (BATCH, ACT_KV_HEADS, None)  # and of every k_scale[i] and v_scale[i]
+    @staticmethod
+    def axes(chunked: bool) -> dict[str, tuple]:
+        """Logical axes of one layer's k, v, k_scale and v_scale: a global layer's slots are ``CACHE_LENGTH`` (split
+        over the sequence's mesh axes on a long-context mesh: each device holds its part of the prompt's keys); a
+        chunked layer's ring of one chunk is kept whole."""
+        L = None if chunked else CACHE_LENGTH
+        return {"k": (BATCH, ACT_KV_HEADS, L, None), "v": (BATCH, ACT_KV_HEADS, None, L),
+                "k_scale": (BATCH, ACT_KV_HEADS, L), "v_scale": (BATCH, ACT_KV_HEADS, L)}
 
     @staticmethod
     def lengths(cfg: TextConfig, max_len: int) -> tuple[int, ...]:
@@ -67,16 +73,17 @@ class KVCache:
                  part: Partitioning = Partitioning()) -> "KVCache":
         """ShapeDtypeStructs of a cache for ``batch`` rows of ``max_len`` slots, on ``part``'s shardings; ``dtype``
         int8 adds the scales."""
-        def sds(shape, dt, axes):
-            return jax.ShapeDtypeStruct(shape, dt, sharding=None if part.mesh is None else part.sharding(axes))
+        def sds(shape, dt, chunked, field):
+            sharding = None if part.mesh is None else part.sharding(cls.axes(chunked)[field], shape)
+            return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
 
         K, hd = cfg.num_key_value_heads, cfg.head_dim
-        lengths = cls.lengths(cfg, max_len)
-        k = tuple(sds((batch, K, n, hd), dtype, cls.AXES) for n in lengths)
-        v = tuple(sds((batch, K, hd, n), dtype, cls.AXES) for n in lengths)
+        layers = list(zip(cls.lengths(cfg, max_len), cfg.chunked_layers))
+        k = tuple(sds((batch, K, n, hd), dtype, c, "k") for n, c in layers)
+        v = tuple(sds((batch, K, hd, n), dtype, c, "v") for n, c in layers)
         scales = None
         if jnp.dtype(dtype) == jnp.int8:
-            scales = tuple(sds((batch, K, n), jnp.float32, cls.SCALE_AXES) for n in lengths)
+            scales = tuple(sds((batch, K, n), jnp.float32, c, "k_scale") for n, c in layers)
         pos = jax.ShapeDtypeStruct((), jnp.int32, sharding=None if part.mesh is None else NamedSharding(part.mesh, P()))
         return cls(k, v, scales, scales, pos, empty=True)
 
@@ -88,13 +95,15 @@ class KVCache:
                             cls.abstract(cfg, batch, max_len, dtype, part))
 
     @classmethod
-    def of_layers(cls, layers: list[LayerKV], pos: jax.Array, part: Partitioning) -> "KVCache":
-        """The cache of per-layer caches (each constrained to its logical axes), ``pos`` tokens written."""
-        def each(field, axes):
+    def of_layers(cls, layers: list[LayerKV], pos: jax.Array, part: Partitioning,
+                  chunked: tuple[bool, ...]) -> "KVCache":
+        """The cache of per-layer caches (each constrained to its logical axes: ``axes(chunked[i])``), ``pos``
+        tokens written."""
+        def each(field):
             got = [getattr(kv, field) for kv in layers]
-            return None if got[0] is None else tuple(part.constrain(x, axes) for x in got)
-        return cls(each("k", cls.AXES), each("v", cls.AXES), each("k_scale", cls.SCALE_AXES),
-                   each("v_scale", cls.SCALE_AXES), pos, empty=False)
+            return None if got[0] is None else tuple(part.constrain(x, cls.axes(c)[field])
+                                                     for x, c in zip(got, chunked))
+        return cls(each("k"), each("v"), each("k_scale"), each("v_scale"), pos, empty=False)
 
     def layer(self, i: int) -> LayerKV:
         if self.k_scale is None:

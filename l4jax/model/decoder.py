@@ -24,6 +24,7 @@ from ..config import TextConfig
 from .attention import Attention, Context
 from .axes import ACT_EMBED, ACT_VOCAB, BATCH, EMBED, LAYERS, LENGTH, VOCAB, Partitioning
 from .cache import KVCache, LayerKV
+from .context import check_split
 from .kernels import Kernels
 from .layers import MLP, RMSNorm, param, project
 from .quant import QArray, weight
@@ -176,6 +177,7 @@ class Llama4Text(nn.Module):
             raise ValueError(f"remat: unknown policy {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if (self.scan or inputs.segment_ids is not None) and cache is not None:
             raise ValueError("a KV cache cannot be used with scan=True or segment_ids (training forward only)")
+        check_split(inputs.ids.shape[1], self.part)  # a long-context mesh splits the sequence evenly
         embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED), dtype=self.param_dtype)
         x = jnp.take(embed, inputs.ids, axis=0) if inputs.embeds is None else inputs.embeds
         x = self.part.constrain(x.astype(self.dtype), (BATCH, LENGTH, ACT_EMBED))
@@ -229,7 +231,7 @@ class Llama4Text(nn.Module):
             written.append(kv)
         if cache is None:
             return x, None
-        return x, KVCache.of_layers(written, cache.pos + x.shape[1], self.part)
+        return x, KVCache.of_layers(written, cache.pos + x.shape[1], self.part, self.cfg.chunked_layers)
 
 
 def init_params(module: Llama4Text, key: jax.Array) -> dict:

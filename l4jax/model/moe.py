@@ -154,7 +154,10 @@ def routed_experts_sharded(x: jax.Array, scores: jax.Array, experts: jax.Array, 
                            down, impl=impl, first=first).reshape(b, T, D)  # partial over the Fl slice
         return jax.lax.psum(y, ex + mlp) if ex + mlp else y
 
-    tspec = P(part.spec((BATCH, LENGTH, ACT_EMBED))[0], None, None)
+    # Tokens stay where they are: rows over the batch axes and, for a long-context mesh, positions over the
+    # sequence's (each token is routed on its own); a decode step's one token is on every device of those.
+    spec = part.sharding((BATCH, LENGTH, ACT_EMBED), x.shape).spec
+    tspec = P(*(tuple(spec) + (None,) * 3)[:2], None)
     # check_vma=False: gmm's scan carries start as (device-invariant) zeros while its updates vary per device,
     # which the varying-axes checker rejects; the psum above is what makes the result replicated.
     specs = (tspec, tspec, tspec, with_scales(gate, w_in), with_scales(up, w_in), with_scales(down, w_out))

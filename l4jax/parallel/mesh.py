@@ -15,9 +15,10 @@ from ..model.axes import ShardingError
 from .rules import MESH_AXES, batch_multiple
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
+def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, context: int = 1,
               devices: Sequence[jax.Device] | None = None, **unknown) -> Mesh:
-    """A mesh with axes (data, fsdp, expert, tensor), all of type ``Auto``.
+    """A mesh with axes (data, fsdp, context, expert, tensor), all of type ``Auto``. ``context`` splits the
+    sequence of prefill and training rows (long context: ``l4jax.model.context``).
 
     The product of the sizes must equal the number of devices (``jax.devices()``, i.e. every process's devices,
     unless ``devices`` is given). Auto, not Explicit (the default of ``jax.make_mesh`` on current JAX): the model
@@ -26,7 +27,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
     """
     if unknown:
         raise ShardingError(f"make_mesh: unknown mesh axis {sorted(unknown)}; the axes are {list(MESH_AXES)}")
-    sizes = dict(data=data, fsdp=fsdp, expert=expert, tensor=tensor)
+    sizes = dict(data=data, fsdp=fsdp, context=context, expert=expert, tensor=tensor)
     for name, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ShardingError(f"make_mesh: {name} must be a positive integer, got {n!r}")

@@ -15,10 +15,10 @@ from jax.sharding import Mesh
 
 from ..config import TextConfig
 from ..model.axes import (ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB, BATCH, EMBED, EXPERT, EXPERT_MLP,
-                          HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP, NORM, VOCAB, Partitioning, Rule,
+                          CACHE_LENGTH, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP, NORM, VOCAB, Partitioning, Rule,
                           ShardingError)
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). THE table: nothing else names mesh axes.
 RULES: tuple[Rule, ...] = (
@@ -33,7 +33,8 @@ RULES: tuple[Rule, ...] = (
     (NORM, None),
     (LAYERS, None),             # the stacked axis of scanned layers: every device holds its slice of every layer
     (BATCH, ("data", "fsdp")),  # FSDP is data parallelism with sharded weights
-    (LENGTH, None),
+    (LENGTH, "context"),        # long context: the sequence of prefill and training rows (not a decode step's)
+    (CACHE_LENGTH, "context"),  # and the slots of the global layers' caches (a chunked layer's ring is not split)
     (ACT_EMBED, None),
     (ACT_HEADS, "tensor"),
     (ACT_KV_HEADS, "tensor"),

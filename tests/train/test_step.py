@@ -18,21 +18,10 @@ from l4jax.model.decoder import unstack_layers
 from l4jax.model.moe import router_losses
 from l4jax.train.step import Trainer
 from l4jax.train.settings import TrainConfig
-from tiny import grads_in_l4jax_layout, hf_model, save, save_vlm
+from tiny import grads_in_l4jax_layout, hf_model, packed_batch, run_steps, save, save_vlm, tiny_setup
 
 # Most tests here compile a train step (20-70 s each on 2 cores) and are marked slow; CI runs them.
 T = 24  # crosses two chunk boundaries (chunk 8); floor_scale 4 makes temperature tuning active
-
-
-def packed_batch(ids: np.ndarray, docs_per_row: int = 1) -> dict:
-    """A batch dict as ``PackedDataset.batch`` gives it: rows of ``docs_per_row`` equal documents."""
-    B, n = ids.shape
-    seg = np.repeat(np.arange(1, docs_per_row + 1), n // docs_per_row)[None].repeat(B, 0).astype(np.int32)
-    pos = (np.arange(n) % (n // docs_per_row))[None].repeat(B, 0).astype(np.int32)
-    targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), ids.dtype)], axis=1).astype(np.int32)
-    loss_mask = np.concatenate([seg[:, 1:] == seg[:, :-1], np.zeros((B, 1), bool)], axis=1).astype(np.float32)
-    return {"inputs": ids.astype(np.int32), "targets": targets, "segment_ids": seg, "positions": pos,
-            "loss_mask": loss_mask}
 
 
 @pytest.fixture(scope="module")
@@ -75,22 +64,6 @@ def test_loss_and_gradients_equal_transformers(scout, tmp_path, scan, remat, que
         r = flat_ref[path]
         err = np.abs(np.asarray(g) - r).max() / np.abs(r).max()
         assert err < 1e-4, (jax.tree_util.keystr(path), err)
-
-
-def tiny_setup(**overrides):
-    config = load_config("tiny")
-    tc = TrainConfig(seq_len=32, batch_size=8, steps=10, warmup_steps=2, lr=1e-2, **overrides)
-    ids = np.random.default_rng(1).integers(3, 512, (8, 32))
-    return config, tc, packed_batch(ids, docs_per_row=2)
-
-
-def run_steps(trainer, batch, n=2, params=None):
-    state, frozen = trainer.init_state(params)
-    losses = []
-    for _ in range(n):
-        state, m = trainer.step(state, frozen, batch)
-        losses.append(float(m["loss"]))
-    return losses, jax.device_get(state["params"])
 
 
 def chat_setup(kind: str, **overrides):

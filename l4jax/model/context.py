@@ -1,0 +1,137 @@
+"""Context parallelism: attention over prefill and training rows whose sequence is split across devices.
+
+On a mesh with a ``context`` axis (the mesh axes of ``LENGTH`` in the rules table), a row of T tokens lives as c
+contiguous shards of T / c tokens, one per device along that axis. Everything but attention acts on the tokens where
+they are: norms, projections, RoPE, the MoE (each token is routed on its own). Attention needs keys from other
+devices, and how many depends on the layer:
+
+- a chunked (RoPE) layer's query sees at most the C - 1 keys before it (C = attention_chunk_size). When a shard
+  holds at least C tokens, those keys are on the device itself or on the one before it: each device passes its
+  last C - 1 keys, values, slots, validity and groups to the next one (``ppermute``: a halo), and scores its own
+  queries blockwise (``attention.attend_local``) with the halo as the entries before them. The first device gets
+  an invalid halo. A shard shorter than a chunk takes the global path below.
+- a global (NoPE) layer's last query sees the whole row, and so does a chunked layer's query when shards are
+  shorter than a chunk: ring attention. Each device scores its own queries against its own keys, then passes its
+  keys and values (with their slots, validity and groups) to the next device along the axis (``ppermute``) and
+  scores the ones it receives, c - 1 times, accumulating an online softmax (running max and sum, as flash
+  attention does) over blocks of ``block`` queries and ``block`` keys: a device holds two blocks of T / c keys
+  and [B, H, block, block] scores at a time, never the row's keys. Every device scores all T keys (masked
+  causally), so the work is balanced across devices, at twice the pairs a causal schedule needs (a zig-zag
+  placement of the shards would halve that; not built). XLA overlaps the ``ppermute`` with the scoring.
+
+Numbers equal the one-device paths' up to the order of the sums (tests/model/test_context.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from .attention import attend_local, split_blocks
+from .axes import Partitioning, ShardingError
+from .masks import visible
+
+
+def check_split(T: int, part: Partitioning) -> None:
+    """A row of T tokens must split evenly over the sequence's mesh axes: a ShardingError names them and T."""
+    if T > 1 and T % part.context:
+        raise ShardingError(f"context: a sequence of {T} tokens does not split over mesh axes {part.sequence_axes} "
+                            f"(size {part.context}); pad the rows to a multiple of {part.context}")
+
+
+def attend_split(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k_valid: jax.Array,
+                 group: jax.Array | None, scale: float, span: int | None, part: Partitioning,
+                 block: int) -> jax.Array:
+    """``attend`` of fresh tokens (no cache before them) whose sequence is split over ``part``'s sequence axes.
+
+    q [B, T, H, hd]; k, v [B, T, K, hd]; q_index [1|B, T] slots; k_valid [B, T]; group [B, T] (chunk and/or
+    document) or None (global, one document); ``span`` the chunk of a chunked layer, else None.
+    """
+    axes = part.sequence_axes
+    if len(axes) != 1:
+        raise ShardingError(f"context parallelism splits the sequence over one mesh axis, got {axes}")
+    (axis,) = axes
+    c, T = part.context, q.shape[1]
+    check_split(T, part)
+    seq = P(None, axis)
+    specs = (P(None, axis, None, None),) * 3 + (seq, seq) + ((seq,) if group is not None else ())
+    halo = span is not None and span > 1 and T // c >= span
+
+    def local(q, k, v, q_index, k_valid, *group):
+        group = group[0] if group else None
+        if halo:  # the previous device's last span - 1 entries; the first device's arrive zeroed: invalid
+            def prev(x):
+                return jax.lax.ppermute(x[:, -(span - 1):], axis, [(i, i + 1) for i in range(c - 1)])
+            index = jnp.broadcast_to(q_index, k_valid.shape)  # per row, like the halo's
+            past = (prev(k), prev(v), prev(index), prev(k_valid), prev(group))
+            return attend_local(q, k, v, index, group, k_valid, group, scale, span, past)
+
+        index = jnp.broadcast_to(q_index, k_valid.shape)
+        return _ring(q, k, v, index, k_valid, group, scale, block, axis, c)
+
+    args = (q, k, v, q_index, k_valid) + ((group,) if group is not None else ())
+    return jax.shard_map(local, mesh=part.mesh, in_specs=specs, out_specs=specs[0], axis_names={axis},
+                         check_vma=False)(*args)
+
+
+def _ring(q, k, v, index, valid, group, scale: float, block: int, axis: str, c: int) -> jax.Array:
+    """Ring attention on one device's shard: its queries q [B, t, H, hd] (slots ``index`` [B, t], validity, groups)
+    against every device's keys, which travel around the ring: c - 1 ``ppermute`` steps, each scored as it
+    arrives (``_accumulate``, an online softmax), so a device holds 2 blocks of t keys at a time, never all T."""
+    B, t, H, hd = q.shape
+    K = k.shape[2]
+    qs = _blocks(q.reshape(B, t, K, H // K, hd), block)             # [n, B, b, K, G, hd]
+    qi, qg = _blocks(index, block, -1), None if group is None else _blocks(group, block, -1)
+    n, b = qs.shape[0], qs.shape[2]
+    f32 = jnp.float32
+    acc = (jnp.zeros((n, B, K, H // K, b, hd), f32), jnp.full((n, B, K, H // K, b), jnp.finfo(f32).min, f32),
+           jnp.zeros((n, B, K, H // K, b), f32))
+    keys = (k, v, index, valid, group)
+
+    def visit(acc, keys):
+        return jax.lax.map(lambda xs: _accumulate(xs[0], xs[1], xs[2], xs[3:], keys, scale, block), (qs, qi, qg, *acc))
+
+    def step(_, state):
+        keys, acc = state
+        acc = visit(acc, keys)
+        return jax.lax.ppermute(keys, axis, [(j, (j + 1) % c) for j in range(c)]), acc
+
+    keys, acc = jax.lax.fori_loop(0, c - 1, step, (keys, acc))
+    o, _, total = visit(acc, keys)
+    out = o / jnp.maximum(total, jnp.finfo(f32).tiny)[..., None]   # [n, B, K, G, b, hd]
+    out = jnp.moveaxis(out, 4, 2).reshape(n, B, b, H, hd)
+    return jnp.moveaxis(out, 0, 1).reshape(B, n * b, H, hd)[:, :t].astype(q.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(5, 6))
+def _accumulate(q, q_index, q_group, acc, keys, scale: float, block: int):
+    """One query block q [B, b, K, G, hd] (slots [B, b], groups or None) through a block of keys (k, v [B, s, K, hd],
+    slots, validity, groups), ``block`` keys at a time: the running (sum of p v [B, K, G, b, hd], max [B, K, G, b],
+    sum of p) of an online softmax. Masked scores are the float32 minimum, as in ``attention.attend``: a row that
+    has seen no visible key yet holds finite garbage that the first visible one scales to zero."""
+    k, v, k_index, k_valid, k_group = keys
+
+    def one(acc, kb):
+        o, m, total = acc
+        kk, vv, ki, kv, kg = kb
+        s = jnp.einsum("bqkgd,bskd->bkgqs", q, kk, preferred_element_type=jnp.float32) * scale
+        mask = visible(q_index, ki, kv, q_group, kg)[:, None, None]     # [B, 1, 1, b, s]
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+        new = jnp.maximum(m, s.max(-1))
+        p, fade = jnp.exp(s - new[..., None]), jnp.exp(m - new)
+        o = o * fade[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vv.dtype), vv,
+                                             preferred_element_type=jnp.float32)
+        return (o, new, total * fade + p.sum(-1)), None
+
+    kbs = tuple(None if x is None else _blocks(x, block, fill) for x, fill in
+                zip((k, v, k_index, k_valid, k_group), (0, 0, -1, False, -1)))
+    acc, _ = jax.lax.scan(one, tuple(acc), kbs)
+    return acc
+
+
+def _blocks(x: jax.Array, block: int, fill=0) -> jax.Array:
+    """[B, t, ...] -> [ceil(t / block), B, block, ...] (the last block padded with ``fill``): a loop's leading axis."""
+    return jnp.moveaxis(split_blocks(x, min(block, x.shape[1]), fill), 1, 0)
