@@ -28,9 +28,11 @@ from .sampling import sample
 
 @functools.partial(jax.jit, static_argnames=("module",), donate_argnames=("cache",))
 def _prefill(module, params, inputs: Inputs, cache: KVCache):
-    """The prompt [B, T] into an empty cache -> (last logits [B, V] fp32, cache)."""
-    out = module.apply({"params": params}, inputs, cache)
-    return out.logits[:, -1].astype(jnp.float32), out.cache
+    """The prompt [B, T] into an empty cache -> (last logits [B, V] fp32, cache). Only the last token goes through
+    the LM head: a long prompt's [B, T, V] logits would be the largest array of the prefill (a 128K-token shard:
+    6 GiB in bf16)."""
+    out = module.clone(logits=False).apply({"params": params}, inputs, cache)
+    return jnp.einsum("bd,dv->bv", out.hidden[:, -1], out.head).astype(jnp.float32), out.cache
 
 
 # XLA's GPU dot merger joins two matmuls that share an input by concatenating their weights, which in a decode step

@@ -7,9 +7,9 @@ devices, and how many depends on the layer:
 
 - a chunked (RoPE) layer's query sees at most the C - 1 keys before it (C = attention_chunk_size). When a shard
   holds at least C tokens, those keys are on the device itself or on the one before it: each device passes its
-  last C - 1 keys, values, slots, validity and groups to the next one (``ppermute``: a halo), and scores its own
-  queries blockwise (``attention.attend_local``) with the halo as the entries before them. The first device gets
-  an invalid halo. A shard shorter than a chunk takes the global path below.
+  last C - 1 keys, values, slots, validity and groups to the next one (``ppermute``: a halo), and scores each
+  block of its queries against only the block + C - 1 entries before its end (halo included). The first device
+  gets an invalid halo. A shard shorter than a chunk takes the global path below.
 - a global (NoPE) layer's last query sees the whole row, and so does a chunked layer's query when shards are
   shorter than a chunk: ring attention. Each device scores its own queries against its own keys, then passes its
   keys and values (with their slots, validity and groups) to the next device along the axis (``ppermute``) and
@@ -19,7 +19,9 @@ devices, and how many depends on the layer:
   causally), so the work is balanced across devices, at twice the pairs a causal schedule needs (a zig-zag
   placement of the shards would halve that; not built). XLA overlaps the ``ppermute`` with the scoring.
 
-Numbers equal the one-device paths' up to the order of the sums (tests/model/test_context.py).
+Both score blocks of queries and keys with an online softmax (``_accumulate``): [B, H, block, block] scores at a
+time, whatever the length. Numbers equal the one-device paths' up to the order of the sums
+(tests/model/test_context.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .attention import attend_local, split_blocks
+from .attention import split_blocks
 from .axes import Partitioning, ShardingError
 from .masks import visible
 
@@ -62,34 +64,46 @@ def attend_split(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k
 
     def local(q, k, v, q_index, k_valid, *group):
         group = group[0] if group else None
+        keys = (k, v, jnp.broadcast_to(q_index, k_valid.shape), k_valid, group)  # slots per row, like the halo's
         if halo:  # the previous device's last span - 1 entries; the first device's arrive zeroed: invalid
-            def prev(x):
-                return jax.lax.ppermute(x[:, -(span - 1):], axis, [(i, i + 1) for i in range(c - 1)])
-            index = jnp.broadcast_to(q_index, k_valid.shape)  # per row, like the halo's
-            past = (prev(k), prev(v), prev(index), prev(k_valid), prev(group))
-            return attend_local(q, k, v, index, group, k_valid, group, scale, span, past)
-
-        index = jnp.broadcast_to(q_index, k_valid.shape)
-        return _ring(q, k, v, index, k_valid, group, scale, block, axis, c)
+            past = jax.lax.ppermute(tuple(x[:, -(span - 1):] for x in keys), axis,
+                                    [(i, i + 1) for i in range(c - 1)])
+            return _local(q, keys, past, scale, span, block)
+        return _ring(q, keys, scale, block, axis, c)
 
     args = (q, k, v, q_index, k_valid) + ((group,) if group is not None else ())
     return jax.shard_map(local, mesh=part.mesh, in_specs=specs, out_specs=specs[0], axis_names={axis},
                          check_vma=False)(*args)
 
 
-def _ring(q, k, v, index, valid, group, scale: float, block: int, axis: str, c: int) -> jax.Array:
-    """Ring attention on one device's shard: its queries q [B, t, H, hd] (slots ``index`` [B, t], validity, groups)
-    against every device's keys, which travel around the ring: c - 1 ``ppermute`` steps, each scored as it
-    arrives (``_accumulate``, an online softmax), so a device holds 2 blocks of t keys at a time, never all T."""
-    B, t, H, hd = q.shape
-    K = k.shape[2]
-    qs = _blocks(q.reshape(B, t, K, H // K, hd), block)             # [n, B, b, K, G, hd]
-    qi, qg = _blocks(index, block, -1), None if group is None else _blocks(group, block, -1)
+FILLS = (0, 0, -1, False, -1)  # padding of keys, values, slots, validity, groups: never visible
+
+
+def _local(q, keys, past, scale: float, span: int, block: int) -> jax.Array:
+    """A chunked layer's shard q [B, t, H, hd] (t >= span), its own ``keys`` (k, v [B, t, K, hd], slots, validity,
+    groups [B, t]) and the ``past`` span - 1 entries before them: query block i (of b = ``block``) can see only the
+    b + span - 1 entries ending at its own end, and scores just those (t (b + span) pairs, not t^2)."""
+    ext = tuple(jnp.concatenate([p, x], 1) for p, x in zip(past, keys))
+    qs, qi, qg = _query_blocks(q, keys[2], keys[4], block, keys[0].shape[2])
     n, b = qs.shape[0], qs.shape[2]
-    f32 = jnp.float32
-    acc = (jnp.zeros((n, B, K, H // K, b, hd), f32), jnp.full((n, B, K, H // K, b), jnp.finfo(f32).min, f32),
-           jnp.zeros((n, B, K, H // K, b), f32))
-    keys = (k, v, index, valid, group)
+    width = b + span - 1
+    ext = tuple(jnp.pad(x, [(0, 0), (0, (n - 1) * b + width - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
+                        constant_values=f) for x, f in zip(ext, FILLS))
+
+    def one(xs):
+        i, acc = xs[0], _empty(xs[1])
+        seen = tuple(jax.lax.dynamic_slice_in_dim(x, i * b, width, axis=1) for x in ext)
+        return _accumulate(xs[1], xs[2], xs[3], acc, seen, scale, block)
+
+    return _finish(jax.lax.map(one, (jnp.arange(n), qs, qi, qg)), q)
+
+
+def _ring(q, keys, scale: float, block: int, axis: str, c: int) -> jax.Array:
+    """Ring attention on one device's shard: its queries q [B, t, H, hd] against every device's ``keys`` (k, v
+    [B, t, K, hd], slots, validity, groups [B, t]), which travel around the ring: c - 1 ``ppermute`` steps, each
+    block scored as it arrives (``_accumulate``, an online softmax): a device holds 2 blocks of t keys at a time."""
+    qs, qi, qg = _query_blocks(q, keys[2], keys[4], block, keys[0].shape[2])
+    acc = jax.vmap(_empty)(qs)
 
     def visit(acc, keys):
         return jax.lax.map(lambda xs: _accumulate(xs[0], xs[1], xs[2], xs[3:], keys, scale, block), (qs, qi, qg, *acc))
@@ -100,8 +114,31 @@ def _ring(q, k, v, index, valid, group, scale: float, block: int, axis: str, c: 
         return jax.lax.ppermute(keys, axis, [(j, (j + 1) % c) for j in range(c)]), acc
 
     keys, acc = jax.lax.fori_loop(0, c - 1, step, (keys, acc))
-    o, _, total = visit(acc, keys)
-    out = o / jnp.maximum(total, jnp.finfo(f32).tiny)[..., None]   # [n, B, K, G, b, hd]
+    return _finish(visit(acc, keys), q)
+
+
+def _query_blocks(q, index, group, block: int, K: int):
+    """q [B, t, H, hd] -> [n, B, b, K, G, hd] (G = H / K query heads per kv head), and the slots and groups [B, t]
+    of the queries -> [n, B, b] (groups None for a global layer)."""
+    B, t, H, hd = q.shape
+    qs = _blocks(q.reshape(B, t, K, H // K, hd), block)
+    return qs, _blocks(index, block, -1), None if group is None else _blocks(group, block, -1)
+
+
+def _empty(qb):
+    """The online softmax's start for a query block [B, b, K, G, hd]: no sum, the lowest max, no weight."""
+    B, b, K, G, hd = qb.shape
+    f32 = jnp.float32
+    return (jnp.zeros((B, K, G, b, hd), f32), jnp.full((B, K, G, b), jnp.finfo(f32).min, f32),
+            jnp.zeros((B, K, G, b), f32))
+
+
+def _finish(acc, q) -> jax.Array:
+    """Accumulated blocks ([n, B, K, G, b, hd] sums, [n, B, K, G, b] weights) -> the attention output like q."""
+    o, _, total = acc
+    B, t, H, hd = q.shape
+    n, b = o.shape[0], o.shape[4]
+    out = o / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
     out = jnp.moveaxis(out, 4, 2).reshape(n, B, b, H, hd)
     return jnp.moveaxis(out, 0, 1).reshape(B, n * b, H, hd)[:, :t].astype(q.dtype)
 
@@ -126,8 +163,7 @@ def _accumulate(q, q_index, q_group, acc, keys, scale: float, block: int):
                                              preferred_element_type=jnp.float32)
         return (o, new, total * fade + p.sum(-1)), None
 
-    kbs = tuple(None if x is None else _blocks(x, block, fill) for x, fill in
-                zip((k, v, k_index, k_valid, k_group), (0, 0, -1, False, -1)))
+    kbs = tuple(None if x is None else _blocks(x, block, fill) for x, fill in zip(keys, FILLS))
     acc, _ = jax.lax.scan(one, tuple(acc), kbs)
     return acc
 

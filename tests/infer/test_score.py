@@ -48,14 +48,11 @@ def test_errors_name_the_argument(model):
 
 
 @pytest.mark.slow
-def test_int8_cache_on_the_main_jobs_model(tmp_path):
+def test_int8_cache_on_the_main_jobs_model(main_job):
     """The README's main job (300 steps, ~4 minutes on 2 cores), then ``bench/kv_int8.py``: held-out perplexity
     through the int8 cache within 0.5% of the bf16 cache's, and greedy continuations that agree for 16 tokens."""
     repo, env = Path(__file__).resolve().parents[2], {**os.environ, "XLA_FLAGS": ""}
-    train = subprocess.run([sys.executable, "-m", "l4jax.cli", "train", "--config", "configs/tiny.yaml", "--out",
-                            str(tmp_path / "run")], capture_output=True, text=True, timeout=1800, env=env, cwd=repo)
-    assert train.returncode == 0, train.stderr[-3000:]
-    check = subprocess.run([sys.executable, "bench/kv_int8.py", "--model", str(tmp_path / "run" / "model"), "--json"],
+    check = subprocess.run([sys.executable, "bench/kv_int8.py", "--model", str(main_job / "model"), "--json"],
                            capture_output=True, text=True, timeout=900, env={**env, "JAX_PLATFORMS": "cpu"}, cwd=repo)
     assert check.returncode == 0, check.stderr[-3000:]
     got = json.loads(check.stdout.strip().splitlines()[-1])
