@@ -38,7 +38,8 @@ def hf_text(model, tok, text, new):
     return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("extra", [[], ["--chat"], ["--mesh", "data=2,tensor=4"]])
+@pytest.mark.parametrize("extra", [[], pytest.param(["--chat"], marks=pytest.mark.slow),
+                                   pytest.param(["--mesh", "data=2,tensor=4"], marks=pytest.mark.slow)])
 def test_generate_streams_the_same_text_as_transformers(folder, capsys, extra):
     path, model = folder
     prompt = "the quick brown fox"
@@ -102,6 +103,7 @@ def test_info_and_errors(folder, capsys):
     assert np.prod(list(parse_mesh("fsdp=8").values())) == 8
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_generate_from_converted_checkpoint(folder, capsys, tmp_path):
     path, model = folder
     assert main(["convert", "--from-hf", str(path), "--to", str(tmp_path / "l4")]) == 0

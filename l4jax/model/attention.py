@@ -28,6 +28,7 @@ from ..config import TextConfig
 from .axes import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH,
                    Partitioning)
 from .cache import LayerKV, as_keys, cached_slots, write
+from .context import attend_split
 from .flash import flash_attend, segments
 from .kernels import Kernels
 from .layers import param, project, rms_normalize
@@ -249,7 +250,6 @@ class Attention(nn.Module):
                 past = (*as_keys(kv, k.dtype), slots, *self._cached(slots, ctx, chunk))
             kv = write(kv, k, v, ctx.q_index)
         if past is None and self.part.context > 1 and k.shape[1] > 1:  # a sequence split over devices
-            from .context import attend_split  # context.py builds on this module's functions
             return attend_split(q, k, v, ctx.q_index, k_valid, group, scale, chunk, self.part,
                                 self.kernels.query_block), kv
         if past is None and self.kernels.attention != "xla" and k.shape[1] > 1:

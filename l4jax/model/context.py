@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .attention import split_blocks
 from .axes import Partitioning, ShardingError
 from .masks import visible
 
@@ -169,5 +168,9 @@ def _accumulate(q, q_index, q_group, acc, keys, scale: float, block: int):
 
 
 def _blocks(x: jax.Array, block: int, fill=0) -> jax.Array:
-    """[B, t, ...] -> [ceil(t / block), B, block, ...] (the last block padded with ``fill``): a loop's leading axis."""
-    return jnp.moveaxis(split_blocks(x, min(block, x.shape[1]), fill), 1, 0)
+    """[B, t, ...] -> [ceil(t / b), B, b, ...], b = min(block, t), the last block padded with ``fill``: a loop's
+    leading axis."""
+    b = min(block, x.shape[1])
+    m = -(-x.shape[1] // b)
+    x = jnp.pad(x, [(0, 0), (0, m * b - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(x.shape[0], m, b, *x.shape[2:]), 1, 0)

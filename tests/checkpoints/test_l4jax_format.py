@@ -32,6 +32,7 @@ def test_converted_checkpoint_gives_identical_logits(converted):
     assert l4jax_format.read_manifest(converted / "l4")["dtype"] == "float32"
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_restore_onto_mesh_and_cast(converted):
     ids, mask, _ = batch()
     ref = np.asarray(l4jax.load(converted / "hf")(ids, mask))
@@ -43,6 +44,7 @@ def test_restore_onto_mesh_and_cast(converted):
     assert {str(x.dtype) for x in jax.tree.leaves(bf16.params)} == {"bfloat16"}
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_convert_with_dtype(converted, tmp_path):
     assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "b"), "--dtype", "bf16"]) == 0
     m = l4jax.load(tmp_path / "b")
@@ -103,6 +105,7 @@ def test_an_output_that_cannot_be_written_is_one_line(converted, tmp_path, capsy
                    "denied)", line
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_a_disk_that_fills_during_the_write_is_one_line(converted, tmp_path, capsys, monkeypatch):
     """ENOSPC in the middle of a conversion (simulated: the writer fails on the third tensor, as TensorStore does,
     with a bare Exception): exit 2, one line naming the folder and the tensor and where the two finished tensors
@@ -151,6 +154,7 @@ def test_mismatched_checkpoint_names_the_problem(converted, tmp_path):
         l4jax.load(tmp_path / "c")
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_model_save_from_a_mesh_restores_onto_another(converted, tmp_path):
     ids, mask, _ = batch()
     ref = np.asarray(l4jax.load(converted / "hf")(ids, mask))

@@ -32,6 +32,7 @@ def test_float_cache_scores_equal_the_full_forward(model):
     np.testing.assert_allclose(logits_through_cache(model, IDS, prefix=5), np.asarray(model(IDS))[:, 4:-1], atol=2e-5)
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_int8_cache_scores_close_to_the_float_cache_on_a_mesh_too(model):
     exact = score_through_cache(model, IDS, prefix=5)
     int8 = score_through_cache(model, IDS, prefix=5, kv_dtype="int8")

@@ -47,7 +47,7 @@ def test_bench_on_one_h100(bench, task, kw):
     pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
     result, planned = plan(bench, parse_target("h100"), Request(task, **kw))
     assert result.fits, result.memory
-    assert planned["mesh"] == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert planned["mesh"] == {"data": 1, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1}
     assert result.program["kernels"] > 0 and not result.program["collectives"]
     assert result.program["conditional"] == 0
     if task == "train":  # the MoE's grouped products are the Mosaic GPU kernels, forward and backward
@@ -109,6 +109,24 @@ def test_int4_decode_on_one_h100_reads_the_expert_stacks_as_they_are():
            if shape_bytes(m.group(1)) >= stack // 4]
     assert not big, big
     assert result.memory["temporaries"] < stack, result.memory  # was 4 stacks (both layers' gate and up)
+
+
+def test_a_long_prefill_split_over_eight_h100s():
+    """Scout's shapes (two layers: a chunked one, a global one at 131072 tokens), context=8: the sequence stays split
+    (the halo and the ring are collective-permutes, no all-gather of a sequence-sized array), no conditional, and
+    the temporaries stay within a few blocks' scores (before the blockwise paths: 68 GiB for 4 layers)."""
+    pytest.importorskip("jax_cuda12_plugin", reason="needs pip install -e .[aot-gpu]")
+    scout = l4jax.load_config("scout").text.to_hf()
+    per_layer = ("moe_layers", "no_rope_layers", "layer_types")
+    cfg = l4jax.load_config({**{k: v for k, v in scout.items() if k not in per_layer}, "num_hidden_layers": 2,
+                             "no_rope_layer_interval": 2})
+    result, _ = plan(cfg, parse_target("h100x8"), Request("prefill", batch=1, seq=131072, mesh={"context": 8}))
+    assert result.fits and result.program["conditional"] == 0, result.memory
+    assert result.program["collectives"].get("collective-permute", 0) >= 2, result.program["collectives"]
+    big = [m.group(0)[:80] for m in re.finditer(r"= (\S+) all-gather\(", result.hlo)
+           if shape_bytes(m.group(1)) >= 131072 * 8 * 128 * 2 // 8]  # an eighth of one layer's keys
+    assert not big, big
+    assert result.memory["temporaries"] < 4 * 2**30, result.memory
 
 
 @pytest.mark.parametrize("task,kw", V5E, ids=[f"{t}-{kw['batch']}" for t, kw in V5E])

@@ -51,7 +51,7 @@ def test_cpu_plan_of_a_decode_step(capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"model", "target", "chip", "devices", "mesh", "task", "shapes", "memory", "capacity", "fits", "program",
             "costs", "bound", "compile_seconds", "error"} <= set(out)
-    assert out["devices"] == 8 and out["mesh"] == {"data": 1, "fsdp": 1, "expert": 2, "tensor": 4}
+    assert out["devices"] == 8 and out["mesh"] == {"data": 1, "fsdp": 1, "context": 1, "expert": 2, "tensor": 4}
     m = out["memory"]
     assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] > 0
     assert out["program"]["kernels"] > 0 and out["program"]["collectives"].get("all-reduce", 0) > 0
@@ -110,6 +110,7 @@ def test_a_dpo_plan_holds_the_reference_and_counts_its_forward():
         Request("decode", objective="dpo")
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_a_quantized_decode_plan_holds_quantized_weights(capsys):
     """--quantize int4: the weights the step holds are the int4 values (one byte each on the CPU, which does not
     pack them) and scales, less than the bf16 plan's; the bytes that must move count the weights at half a byte."""
@@ -127,6 +128,7 @@ def test_a_quantized_decode_plan_holds_quantized_weights(capsys):
     assert "--quantize 'int4': int8 or int4 or fp8, for tasks prefill and decode" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_an_fp8_release_plans_with_its_fp8_weights(tmp_path, capsys):
     """An FP8 release's folder (config.json with a quantization_config) plans as fp8: a byte per large weight
     and its scales, as --quantize fp8 gives for the same model in bf16."""

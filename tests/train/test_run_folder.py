@@ -33,6 +33,7 @@ def test_a_new_run_takes_only_a_new_or_empty_folder(tmp_path):
         claim(tmp_path / "new", resume=False, inputs={}, description={})
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_resume_takes_only_a_marked_folder_of_run_files(tmp_path):
     run = tmp_path / "run"
     claim(run, resume=False, inputs={}, description={"model": "a"})
