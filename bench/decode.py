@@ -87,7 +87,7 @@ def main():
     ap.add_argument("--moe-impl", default="auto", choices=("auto",) + IMPLS)
     ap.add_argument("--kv-int8", action="store_true", help="also an l4jax row with the int8 KV cache")
     ap.add_argument("--quantize", nargs="*", default=[], choices=MODES,
-                    help="also l4jax rows with these weight quantizations (int8, int4) of the same weights")
+                    help="also l4jax rows with these weight quantizations (int8, int4, fp8) of the same weights")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     model = l4jax.init(args.config, dtype=jnp.dtype(args.dtype), moe_impl=args.moe_impl)

@@ -3,7 +3,7 @@
 # all under one deadline, so that a stage that hangs or fails costs only itself. Logs and JSON go under $OUT.
 #
 #   bash bench/device.sh [SECONDS [STAGE...]]   # default 450 s and the stages train train_hf decode kernels
-#                                                #   prefill gpu_check; also decode32, train_scan
+#                                                #   prefill gpu_check; also decode32, train_scan, quant
 #
 # The machine has jax with CUDA, torch and transformers; l4jax runs from this checkout (PYTHONPATH), nothing is
 # installed. JAX does not preallocate, so that transformers' rows in the same process find the memory they need.
@@ -45,6 +45,7 @@ for s in $stages; do
         train_hf) stage train_hf 60 "$py" bench/train.py --hf-only --steps 3 ;;  # own process: JAX keeps its pool
         decode) stage decode 150 "$py" bench/decode.py --kv-int8 ;;
         decode32) stage decode32 100 "$py" bench/decode.py --batch 32 ;;
+        quant) stage quant 120 "$py" bench/decode.py --batch 1 32 --quantize int8 int4 fp8 --no-hf ;;
         kernels) stage kernels 80 "$py" bench/kernels.py --out "$out/kernels.json" ;;
         prefill) stage prefill 100 "$py" bench/decode.py --prompt 8192 --new 2 --batch 1 ;;
         gpu_check) stage gpu_check 150 "$py" bench/gpu_check.py --out "$out/gpu_check.json" ;;

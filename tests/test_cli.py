@@ -63,7 +63,7 @@ def test_generate_quantized_streams_the_text_of_the_quantized_handle(folder, cap
                  "--quantize", "int8"]) == 0
     assert capsys.readouterr().out == expect + "\n"
     assert main(["generate", "--model", str(path), "--prompt", prompt, "--quantize", "int3"]) == 2
-    assert "quantize: expected one of ('int8', 'int4')" in capsys.readouterr().err
+    assert "quantize: expected one of ('int8', 'int4', 'fp8')" in capsys.readouterr().err
 
 
 def test_generate_continues_a_conversation_with_tools(folder, capsys, tmp_path):

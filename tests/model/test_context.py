@@ -21,7 +21,7 @@ def config(name: str):
 
 # Shards of 16 and 8 tokens take the halo path on chunked layers (chunk 8), shards of 4 the gathered one.
 MESHES = [dict(context=2, data=4), dict(context=4, data=2), dict(context=8), dict(context=2, expert=2, tensor=2),
-          dict(context=4, tensor=2)]
+          dict(context=4, tensor=2), dict(context=2, fsdp=2, expert=2)]
 
 
 @pytest.mark.parametrize("name,meshes", [("scout", [MESHES[3]]),  # the halo with expert and tensor (the ring: below)

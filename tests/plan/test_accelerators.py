@@ -154,5 +154,5 @@ def test_a_mesh_axis_that_splits_torus_axes():
     from l4jax.parallel import make_mesh
     devices = parse_target("v5p:8x8x8").device_list()
     mesh = make_mesh(fsdp=32, expert=8, tensor=2, devices=devices)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "expert": 8, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "context": 1, "expert": 8, "tensor": 2}
     assert len({d.id for d in mesh.devices.flat}) == 512
