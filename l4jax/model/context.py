@@ -109,8 +109,9 @@ def _ring(q, keys, scale: float, block: int, axis: str, c: int) -> jax.Array:
 
     def step(_, state):
         keys, acc = state
-        acc = visit(acc, keys)
-        return jax.lax.ppermute(keys, axis, [(j, (j + 1) % c) for j in range(c)]), acc
+        # Send the block on first, then score it: the transfer (an async collective-permute) runs under the scoring.
+        sent = jax.lax.ppermute(keys, axis, [(j, (j + 1) % c) for j in range(c)])
+        return sent, visit(acc, keys)
 
     keys, acc = jax.lax.fori_loop(0, c - 1, step, (keys, acc))
     return _finish(visit(acc, keys), q)
