@@ -23,6 +23,11 @@ BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
     "act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
 CACHE_LENGTH = "cache_length"  # the slots of a global layer's KV cache
 
+def mesh_axes(entry) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, a mesh axis or a tuple of them) as a tuple of mesh axes."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 class ShardingError(ValueError):
     """A mesh or a model does not fit the sharding rules; the message names the axis and the sizes."""
 
@@ -64,7 +69,7 @@ class Partitioning:
         return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
 
     def _fit(self, entry, n: int):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = mesh_axes(entry)
         if n % self.axis_size(entry) == 0 or not set(axes) & set(self.sequence_axes):
             return entry
         kept = tuple(a for a in axes if a not in self.sequence_axes)
@@ -75,9 +80,7 @@ class Partitioning:
         """The mesh axes a prefill or training row's sequence is split over (long context); () on one device."""
         if self.mesh is None:
             return ()
-        entry = self.spec((LENGTH,))[0]
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        return tuple(a for a in axes if self.mesh.shape[a] > 1)
+        return tuple(a for a in mesh_axes(self.spec((LENGTH,))[0]) if self.mesh.shape[a] > 1)
 
     @property
     def context(self) -> int:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .axes import ACT_EMBED, BATCH, EMBED, EXPERT, EXPERT_MLP, LENGTH, Partitioning, ShardingError
+from .axes import ACT_EMBED, BATCH, EMBED, EXPERT, EXPERT_MLP, LENGTH, Partitioning, ShardingError, mesh_axes
 from .gmm import gmm
 from .layers import MLP, param, project
 from .quant import QArray, matmul, weight, with_scales
@@ -122,8 +122,7 @@ def _grouped(xs: jax.Array, key: jax.Array, gate: jax.Array, up: jax.Array, down
 def _mesh_axes(entry, mesh) -> tuple[str, ...]:
     """A PartitionSpec entry as a tuple of mesh axes, leaving out size-1 axes (no-op collectives would only
     clutter the program)."""
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return tuple(a for a in axes if mesh.shape[a] > 1)
+    return tuple(a for a in mesh_axes(entry) if mesh.shape[a] > 1)
 
 
 def routed_experts_sharded(x: jax.Array, scores: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
