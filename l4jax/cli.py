@@ -176,7 +176,7 @@ def _convert(args) -> int:
     # An FP8 release converted with --quantize fp8 keeps its FP8 weights as they are, the others as stored.
     keep_fp8 = args.quantize == "fp8" and hf_import.is_fp8(src)
     # The vision tower comes along when the config has one (the written config.json keeps its vision_config).
-    reads = hf_import.reads(src, cfg, dtype, keep_fp8=keep_fp8)
+    reads = hf_import.reads(src, cfg, dtype, keep_fp8=keep_fp8, as_rows=True)  # large tensors: as they are read
     # Resumable: a killed conversion's partial folder is continued by the same command (checkpoints/conversion.py).
     with tqdm(total=sum(n for _, n, _ in reads), unit="B", unit_scale=True, desc=f"convert -> {args.to}",
               file=sys.stderr) as bar:

@@ -33,22 +33,40 @@ def _format(s1: int, s2: int) -> str:
 
 
 def of_host(x: np.ndarray) -> str:
-    """The checksum of a numpy array, at memory speed: the weights (i mod MOD) + 1 repeat every MOD words, so the
-    words are summed per column of a [rows, MOD] view (one pass, no temporary of the tensor's size) and the MOD
-    column sums weighted once. uint64 sums wrap mod 2^64, which keeps them exact mod 2^32."""
-    x = _whole_bytes(x)
-    flat = np.ascontiguousarray(x).reshape(-1).view(_WORDS[x.dtype.itemsize])
-    rows = flat.size // MOD
-    cols = np.zeros(MOD, np.uint64)
-    step = max(1, _BLOCK // MOD)
-    grid = flat[:rows * MOD].reshape(rows, MOD)
-    for r in range(0, rows, step):  # blocks of rows bound numpy's conversion buffers
-        cols += grid[r:r + step].sum(axis=0, dtype=np.uint64)
-    tail = flat[rows * MOD:].astype(np.uint64)
-    cols[:tail.size] += tail
-    with np.errstate(over="ignore"):
-        s2 = int((cols * np.arange(1, MOD + 1, dtype=np.uint64)).sum(dtype=np.uint64))
-    return _format(int(cols.sum(dtype=np.uint64)), s2)
+    """The checksum of a numpy array, at memory speed (``Running``, in one piece)."""
+    running = Running()
+    running.add(x)
+    return running.digest()
+
+
+class Running:
+    """The checksum of an array given in consecutive pieces of its flat (row-major) order: blocks of rows as they
+    are written. The weights (i mod MOD) + 1 repeat every MOD words, so each piece's words are summed per column
+    of a [rows, MOD] view (one pass, no temporary of the piece's size) and its MOD column sums are rotated by the
+    piece's offset before they are added; ``digest`` weights the MOD sums once. uint64 sums wrap mod 2^64, which
+    keeps them exact mod 2^32."""
+
+    def __init__(self):
+        self.cols, self.offset = np.zeros(MOD, np.uint64), 0
+
+    def add(self, x: np.ndarray) -> None:
+        x = _whole_bytes(x)
+        flat = np.ascontiguousarray(x).reshape(-1).view(_WORDS[x.dtype.itemsize])
+        rows = flat.size // MOD
+        cols = np.zeros(MOD, np.uint64)
+        step = max(1, _BLOCK // MOD)
+        grid = flat[:rows * MOD].reshape(rows, MOD)
+        for r in range(0, rows, step):  # blocks of rows bound numpy's conversion buffers
+            cols += grid[r:r + step].sum(axis=0, dtype=np.uint64)
+        tail = flat[rows * MOD:].astype(np.uint64)
+        cols[:tail.size] += tail
+        self.cols += np.roll(cols, self.offset % MOD)  # column c of this piece is column (offset + c) mod MOD
+        self.offset += flat.size
+
+    def digest(self) -> str:
+        with np.errstate(over="ignore"):
+            s2 = int((self.cols * np.arange(1, MOD + 1, dtype=np.uint64)).sum(dtype=np.uint64))
+        return _format(int(self.cols.sum(dtype=np.uint64)), s2)
 
 
 @jax.jit

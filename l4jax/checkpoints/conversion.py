@@ -35,7 +35,7 @@ from ..config import Llama4Config
 from ..model.quant import contracted_axes, quantize_param
 from . import hf_export, l4jax_format, safetensors_file
 from .atomic import atomic_dir, partial_dir
-from .read_ahead import Read, interleave, read_ahead
+from .read_ahead import Read, Rows, default_budget, interleave, read_ahead
 
 PARTIAL = "l4jax.partial.json"
 FORMAT, VERSION = "l4jax-partial", 1
@@ -58,9 +58,11 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
 
     ``source`` is the folder read (its files identify the conversion; its side files are copied). The next tensors
     are read on a thread while one is written, with at most ``budget`` bytes of tensors in memory at once (default:
-    the largest tensor's, so the peak stays that of one tensor at a time); a larger budget also reorders the reads so
-    that smaller tensors are read while a large one is written (``read_ahead.interleave``). ``progress`` gets byte
-    counts, first those of the parameters an earlier attempt finished."""
+    the largest tensor's, plus two blocks when some come as ``Rows``, so the peak stays about that of one tensor at
+    a time); a larger budget also reorders the reads so
+    that smaller tensors are read while a large one is written (``read_ahead.interleave``). A ``Rows`` read is
+    written block by block as it is read (its blocks count against the budget). ``progress`` gets byte counts,
+    first those of the parameters an earlier attempt finished."""
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out}: already exists; refusing to overwrite a checkpoint")
@@ -84,7 +86,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
         if progress is not None and done:
             progress(sum(planned[name] for name in done))
         try:
-            budget = budget or max((n for _, n, _ in todo), default=0)
+            budget = budget or default_budget(todo)
             with l4jax_format.writer() as ckptr, read_ahead(interleave(todo, budget), budget) as arrays:
                 for path, array in arrays:
                     name = "/".join(path)
@@ -104,9 +106,13 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
     return out
 
 
-def _quantizing(read: Callable, path: tuple[str, ...], mode: str) -> Callable:
-    """``read``, followed by quantization on the host when the parameter is one that gets quantized."""
-    return read if contracted_axes(path) is None else lambda: quantize_param(path, read(), mode)
+def _quantizing(read: Callable | Rows, path: tuple[str, ...], mode: str) -> Callable | Rows:
+    """``read``, followed by quantization on the host when the parameter is one that gets quantized (whole: its
+    scales span the rows)."""
+    if contracted_axes(path) is None:
+        return read
+    whole = read.read if isinstance(read, Rows) else read
+    return lambda: quantize_param(path, whole(), mode)
 
 
 def _stored(names: list[str], done: dict) -> tuple[list[str], dict, dict]:
@@ -187,7 +193,7 @@ def export(plan: ExportPlan, out: str | Path, *, progress: Callable[[int], None]
                 return l4jax_format.read_host(ckptr, plan.src, "/".join(path), sums)
 
             reads = [(t.key, t.nbytes, functools.partial(t.assemble, get)) for t in todo]
-            with read_ahead(reads, budget or max((t.nbytes for t in todo), default=0)) as arrays:
+            with read_ahead(reads, budget or default_budget(reads)) as arrays:
                 for name, ts in shards.items():
                     _write_shard(tmp / name, ts, arrays, record, tmp, progress)
         hf_export.write_index(tmp, shards)

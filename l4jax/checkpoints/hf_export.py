@@ -32,7 +32,7 @@ from ..config import Llama4Config
 from ..parallel.distributed import to_numpy
 from . import safetensors_file
 from .atomic import atomic_dir
-from .hf_import import put_transposed
+from .read_ahead import put_transposed
 from .hf_names import Source, sources
 from .l4jax_format import copy_side_files, first_line
 

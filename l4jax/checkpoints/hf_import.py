@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import ml_dtypes  # also registers bfloat16 with numpy, for bf16 checkpoints
 import numpy as np
@@ -23,6 +24,8 @@ from ..config import Llama4Config
 from ..model.quant import QArray, contracted_axes, scale_shape
 from . import safetensors_file
 from .hf_names import VISION_PREFIXES, Source, layout, sources
+from . import read_ahead
+from .read_ahead import Read, Rows
 
 SUPPORTED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "F8_E4M3": None}
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 4}  # FP8 weights are read dequantized (float32)
@@ -78,8 +81,9 @@ class SafetensorsIndex:
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def read(self, key: str, part: tuple[slice, ...] | None = None) -> np.ndarray:
-        """One tensor (or a slice of it), copied out of a freshly opened file: the file's memory map is dropped
-        right after, so mapped pages of tensors already read do not accumulate in resident memory."""
+        """One tensor (or a slice of it), copied out of a freshly opened file (safetensors copies it into a buffer
+        of its own): the file's memory map is dropped right after, so mapped pages of tensors already read do not
+        accumulate in resident memory."""
         f = self.files[key]
         try:
             with safe_open(str(f), framework="numpy") as h:
@@ -87,7 +91,7 @@ class SafetensorsIndex:
                 if sl.get_dtype() == FP8:  # numpy has no FP8 type for safetensors to hand over: read the bytes
                     rows = (part or (slice(None),))[0].indices(sl.get_shape()[0])
                     return safetensors_file.read_rows(f, key, rows[0], rows[1])[(slice(None),) + tuple(part or ())[1:]]
-                return np.array(sl[part] if part is not None else sl[:])
+                return np.asarray(sl[part] if part is not None else sl[:])  # already a copy of its own
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from e
 
@@ -193,37 +197,50 @@ def _fp8_scale(index: SafetensorsIndex, s: Source) -> np.ndarray:
     return scale[tuple(sl if n > 1 else slice(None) for sl, n in zip(part, scale.shape))]
 
 
-BLOCK_BYTES = 64 << 20
-
-
 def load_source(index: SafetensorsIndex, s: Source, dtype=None, dequantize: bool = True) -> np.ndarray:
     """Read, transpose, cast and reshape one parameter into a single fresh array (FP8 values times their scales
     unless ``dequantize`` is False).
 
-    The output is allocated once and filled in blocks of ~64 MB of rows, so a transpose or a cast never holds a
-    second full copy of the tensor: peak memory is the output plus one block.
+    The output is allocated once and filled in blocks of ~64 MB of rows (``rows``), so a transpose or a cast never
+    holds a second full copy of the tensor: peak memory is the output plus one block.
     """
-    part = s.part or tuple(slice(None) for _ in s.shape)
-    src_shape = s.read_shape
+    out = rows(index, s, dtype, dequantize).read()
+    return out.reshape(s.out_shape) if s.out_shape else out
+
+
+def rows(index: SafetensorsIndex, s: Source, dtype=None, dequantize: bool = True) -> Rows:
+    """Parameter ``s`` (before its reshape, if it has one) as blocks of ~64 MB of the rows read, cast and checked
+    one at a time when its ``blocks()`` are taken: what a conversion writes as it reads. A transposed one
+    (a Linear weight [out, in] -> [in, out]) comes as the blocks of its transpose (``Rows.transposed``)."""
+    dtype = _out_dtype(index, s, dtype, dequantize)
+    return Rows(s.read_shape[::-1] if s.transpose else s.read_shape, dtype, _block_rows(s, dtype),
+                lambda: (block for _, block in _blocks(index, s, dtype, dequantize)), transposed=s.transpose)
+
+
+def _out_dtype(index: SafetensorsIndex, s: Source, dtype, dequantize: bool) -> np.dtype:
     stored = index.info(s.key)[1]
-    scale = _fp8_scale(index, s) if stored == FP8 and dequantize else None  # dequantized as read
     if dtype is None:
-        dtype = np.float32 if scale is not None else safetensors_file.NUMPY[stored]
-    dtype = np.dtype(dtype)
-    out = np.empty(src_shape[::-1] if s.transpose else src_shape, dtype)
-    rows = src_shape[0]
-    step = max(1, BLOCK_BYTES // max(1, int(np.prod(src_shape[1:])) * out.itemsize))
-    for i in range(0, rows, step):
-        block = index.read(s.key, (slice(i, min(i + step, rows)),) + part[1:])
+        dtype = np.float32 if stored == FP8 and dequantize else safetensors_file.NUMPY[stored]
+    return np.dtype(dtype)
+
+
+def _block_rows(s: Source, dtype: np.dtype) -> int:
+    return max(1, read_ahead.BLOCK_BYTES // max(1, math.prod(s.read_shape[1:]) * dtype.itemsize))
+
+
+def _blocks(index: SafetensorsIndex, s: Source, dtype: np.dtype, dequantize: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block) of ~64 MB of the rows of ``s`` as read (before any transpose), cast to ``dtype`` (FP8
+    values times their scales when ``dequantize``), each checked for NaN and infinity."""
+    part = s.part or tuple(slice(None) for _ in s.shape)
+    scale = _fp8_scale(index, s) if index.info(s.key)[1] == FP8 and dequantize else None  # dequantized as read
+    rows_, step = s.read_shape[0], _block_rows(s, dtype)
+    for i in range(0, rows_, step):
+        block = index.read(s.key, (slice(i, min(i + step, rows_)),) + part[1:])
         if scale is not None:
             block = block.astype(np.float32) * scale[i:i + step]
         _check_finite(block, index.files[s.key], s.key, i)
-        if s.transpose:
-            put_transposed(out[:, i:i + step], block)
-        else:
-            out[i:i + step] = block
+        yield i, block.astype(dtype, copy=False)
         del block
-    return out.reshape(s.out_shape) if s.out_shape else out
 
 
 def load_fp8(index: SafetensorsIndex, s: Source) -> QArray:
@@ -247,18 +264,6 @@ def keeps_fp8(index: SafetensorsIndex, s: Source) -> bool:
     return shape[1] == 1
 
 
-TILE = 256
-
-
-def put_transposed(dst: np.ndarray, block: np.ndarray) -> None:
-    """dst[:] = block.T in TILE x TILE squares: each square's rows and columns stay in the CPU's caches (1.8x a
-    whole-block strided copy for bf16 on this project's machine: 530 against 300 MB/s)."""
-    rows, cols = block.shape
-    for r in range(0, rows, TILE):
-        for c in range(0, cols, TILE):
-            dst[c:c + TILE, r:r + TILE] = block[r:r + TILE, c:c + TILE].T
-
-
 def _check_finite(block: np.ndarray, f: Path, key: str, row: int) -> None:
     """A NaN or an infinity in a weight is damage: name the tensor and the row. A float32 sum (one read of a block
     already in hand, no temporary) is finite unless one of its elements is not; only then look closer, since a
@@ -270,21 +275,33 @@ def _check_finite(block: np.ndarray, f: Path, key: str, row: int) -> None:
                           "damaged")
 
 
-def reads(folder: str | Path, config: Llama4Config, dtype=None, keep_fp8: bool = False
-          ) -> list[tuple[tuple[str, ...], int, Callable[[], np.ndarray | QArray]]]:
+def reads(folder: str | Path, config: Llama4Config, dtype=None, keep_fp8: bool = False, as_rows: bool = False
+          ) -> list[Read]:
     """(l4jax path, bytes, read) of every parameter, in order. Every header is checked against the config first;
     nothing is read until ``read()`` loads its parameter (``load_source``; with ``keep_fp8``, ``load_fp8`` for
-    each FP8 weight that ``keeps_fp8``)."""
+    each FP8 weight that ``keeps_fp8``). With ``as_rows``, a parameter of ``read_ahead.ROWS_BYTES`` or more that
+    is neither transposed nor reshaped comes as ``Rows`` instead (``rows``: read block by block as it is written).
+    A transposed one is read whole on the read-ahead thread: a transpose as it is written (TensorStore's, or ours
+    on the writing thread with a checksum of the transposed order) made the conversion slower on 2 cores."""
     index = SafetensorsIndex(folder)
     try:
         planned = plan(index, config)
         kept = {s.key for s in planned if keep_fp8 and keeps_fp8(index, s)}
         itemsize = {s.key: 1 if s.key in kept else np.dtype(dtype).itemsize if dtype is not None
                     else ITEMSIZE[index.info(s.key)[1]] for s in planned}
+        out = []
+        for s in planned:
+            nbytes = s.size * itemsize[s.key]
+            if s.key in kept:
+                read = functools.partial(load_fp8, index, s)
+            elif as_rows and nbytes >= read_ahead.ROWS_BYTES and not s.transpose and s.out_shape is None:
+                read = rows(index, s, dtype)
+            else:
+                read = functools.partial(load_source, index, s, dtype)
+            out.append((s.path, nbytes, read))
     finally:
         index.close()  # headers checked; from here each read opens and closes its own file
-    return [(s.path, s.size * itemsize[s.key], functools.partial(load_fp8, index, s) if s.key in kept
-             else functools.partial(load_source, index, s, dtype)) for s in planned]
+    return out
 
 
 def is_fp8(folder: str | Path) -> bool:

@@ -3,7 +3,9 @@
     <dir>/l4jax.json        {"format": "l4jax-orbax", "version": 1, "dtype": ..., "config": <HF config dict>,
                              "params": [parameter paths, "/"-joined], "checksums": {path: checksum.of_array},
                              "quantized": {weight: {"mode", "contracted", "group"[, "layout"]}} (only when some are)}
-    <dir>/params/<path>/    an Orbax PyTree item {"value": array}, readable with ocp.StandardCheckpointer
+    <dir>/params/<path>/    an Orbax PyTree item {"value": array}, readable with ocp.StandardCheckpointer (its array a
+                            zarr folder, one file per chunk; an OCDBT database in checkpoints written before
+                            2026-11-29, which read the same)
     <dir>/tokenizer*.json   copied from the source model, when present (also generation_ and preprocessor_config)
 
 One Orbax item per tensor (rather than one pytree) is what bounds memory: Orbax 0.12 saves a pytree in one call, so
@@ -16,20 +18,25 @@ checksums existed are read without the check).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import ctypes
 import json
+import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from .. import tree
 from ..model.quant import QArray
-from . import checksum
+from . import checksum, read_ahead
 from .atomic import atomic_dir
+from .read_ahead import Rows
 
 FORMAT, VERSION = "l4jax-orbax", 1
 MANIFEST = "l4jax.json"
@@ -96,11 +103,78 @@ def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array)
         values, n = write_param(ckptr, tmp, out, f"{name}/values", array.values)
         scales, m = write_param(ckptr, tmp, out, f"{name}/scales", array.scales)
         return {"values": values, "scales": scales, **array.describe()}, n + m
+    if isinstance(array, np.ndarray) and array.nbytes >= read_ahead.ROWS_BYTES:  # chunks compressed in parallel
+        array = _as_rows(array)
     try:
+        if isinstance(array, Rows):
+            return _write_rows(ckptr, tmp / "params" / name, array), array.nbytes
         ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
+    except _WriteError as e:
+        raise OSError(f"{out}: writing parameter {name!r} failed: {first_line(e.__cause__)}") from e.__cause__
+    except ValueError:  # a damaged source tensor (hf_import.CheckpointError), read block by block as it is written
+        raise
     except Exception as e:  # a full disk or an I/O error, which TensorStore raises in many types
         raise OSError(f"{out}: writing parameter {name!r} failed: {first_line(e)}") from e
     return checksum.of_array(array), int(array.nbytes)
+
+
+def _prefetched(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``blocks``, each next one read on a thread of its own while the caller handles the one before it."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="l4jax-rows") as pool:
+        ahead = pool.submit(next, blocks, None)
+        while (block := ahead.result()) is not None:
+            ahead = pool.submit(next, blocks, None)
+            yield block
+            del block
+
+
+class _WriteError(Exception):
+    """A failed TensorStore write inside ``_write_rows`` (raised from it), told apart from a failed read."""
+
+
+def _as_rows(array: np.ndarray) -> Rows:
+    step = max(1, read_ahead.BLOCK_BYTES // max(1, array[:1].nbytes))
+    return Rows(array.shape, array.dtype, step, lambda: (array[i:i + step] for i in range(0, len(array), step)))
+
+
+def _write_rows(ckptr: ocp.Checkpointer, item: Path, rows: Rows) -> str:
+    """``rows`` as the Orbax item ``item``, written block by block as its blocks are read: returns its checksum.
+
+    Orbax writes the item (its metadata, and a one-element array of the same rank and dtype as a placeholder);
+    the array is then created again in its place with the placeholder's zarr settings, its real shape and chunks of
+    one block of rows, and each block is written as it comes: the next block is read on a thread while this one is
+    check-summed and TensorStore compresses and writes the ones before on its own threads (at most
+    ``Rows.IN_FLIGHT`` blocks alive)."""
+    if rows.transposed:
+        raise ValueError(f"{item}: a transposed Rows is read whole (Rows.read), not written as it is read")
+    shape = rows.shape
+    try:
+        ckptr.save(item, args=ocp.args.PyTreeSave({"value": np.zeros((1,) * len(shape), rows.dtype)}))
+        meta = json.loads((item / "value" / ".zarray").read_text())
+        meta.update(shape=list(shape), chunks=[rows.block_rows, *shape[1:]])
+        store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(item / "value")},
+                         "metadata": meta}, create=True, delete_existing=True).result()
+    except Exception as e:
+        raise _WriteError() from e
+    running, pending, row = checksum.Running(), collections.deque(), 0
+    for block in _prefetched(rows.blocks()):
+        running.add(block)
+        try:
+            pending.append(store[row:row + len(block)].write(block))
+            while len(pending) > Rows.IN_FLIGHT - 2:  # two being written, one read, one check-summed
+                pending.popleft().result()
+        except Exception as e:
+            raise _WriteError() from e
+        row += len(block)
+        del block
+    try:
+        for f in pending:
+            f.result()
+    except Exception as e:
+        raise _WriteError() from e
+    if row != shape[0]:
+        raise ValueError(f"{item}: {row} rows read of {shape[0]}")
+    return running.digest()
 
 
 def write_manifest(tmp: Path, names: list[str], sums: dict[str, str], *, config: dict, dtype: str,
@@ -129,15 +203,28 @@ def first_line(e: BaseException) -> str:
 
 
 def writer() -> ocp.Checkpointer:
-    """A synchronous Orbax writer whose numpy handler does not deep-copy host arrays.
+    """A synchronous Orbax writer whose numpy handler does not deep-copy host arrays, without OCDBT.
 
     Orbax copies host arrays by default so that an async save cannot see them change; this writer finishes each
-    save before returning, so the copy would only double the peak memory of every tensor written.
+    save before returning, so the copy would only double the peak memory of every tensor written. Each item's
+    array is a plain zarr folder (one file per chunk) rather than an OCDBT database: ``_write_rows`` writes a
+    large tensor's chunks into it as they are read. Orbax reads both kinds (checkpoints written with OCDBT before
+    2026-11-29 load as they are).
     """
     th = ocp.type_handlers
     registry = th.create_type_handler_registry((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
                                                (jax.Array, th.ArrayHandler()))
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False))
+
+
+class _NoMergeWarning(logging.Filter):
+    """Orbax warns, for every item written without OCDBT, that it found no OCDBT parts to merge: expected here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMergeWarning())
 
 
 def release_freed_memory() -> None:

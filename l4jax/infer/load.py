@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from .. import tree
 from ..checkpoints import hf_import, l4jax_format
-from ..checkpoints.read_ahead import read_ahead
+from ..checkpoints.read_ahead import default_budget, read_ahead
 from ..config import Llama4Config, TextConfig, load_config
 from ..model.decoder import Llama4Text, abstract_params, init_params
 from ..model.vision import VISION_PARAMS, ImageEncoder, abstract_vision_params, init_vision_params
@@ -111,7 +111,7 @@ def load(path: str | Path, *, dtype=None, mesh=None, moe_impl: str = "auto", att
     reads = hf_import.reads(path, config, dtype, keep_fp8=keep)
     # The next tensor is read on a thread while one is placed, holding at most the largest tensor's bytes of them
     # (as `l4jax convert` does: checkpoints/read_ahead.py).
-    with read_ahead(reads, max((n for _, n, _ in reads), default=0)) as tensors:
+    with read_ahead(reads, default_budget(reads)) as tensors:
         for p, host in tensors:
             want = tree.get(expected, p)
             if host.shape != want.shape:  # a converter bug, not a user error

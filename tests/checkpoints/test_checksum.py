@@ -30,3 +30,18 @@ def test_any_single_change_is_seen():
     flipped = x.copy()
     flipped.view(np.uint32)[10, 10] ^= 1 << 7
     assert len({base, checksum.of_host(swapped), checksum.of_host(flipped)}) == 3
+
+
+def test_running_over_pieces_of_any_size_is_the_whole_checksum():
+    """Blocks of rows as a tensor is written (l4jax_format._write_rows), cut at offsets that are not multiples of
+    the weights' period: the same figure as the whole tensor's."""
+    x = np.random.default_rng(1).standard_normal((97, 1531)).astype(ml_dtypes.bfloat16)  # 148507 words: > 2 periods
+    running = checksum.Running()
+    for a, b in [(0, 3), (3, 4), (4, 50), (50, 97)]:
+        running.add(x[a:b])
+    assert running.digest() == checksum.of_host(x)
+    shifted = checksum.Running()
+    shifted.add(x[:4])
+    shifted.add(x[5:])
+    shifted.add(x[4:5])  # the same blocks in another order: another figure
+    assert shifted.digest() != checksum.of_host(x)

@@ -1,6 +1,7 @@
 """A killed conversion continues where it stopped when the same command runs again, and ends with the checkpoint
 an uninterrupted run writes; a partial folder of another conversion is refused in one line; --restart starts over."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 from safetensors import safe_open
 
 import l4jax
-from l4jax.checkpoints import atomic, conversion, hf_export, hf_import, l4jax_format, safetensors_file
+from l4jax.checkpoints import atomic, conversion, hf_export, hf_import, l4jax_format, read_ahead, safetensors_file
 from l4jax.cli import main
 from tiny import hf_model, save, traced_peak, writer_with
 
@@ -153,6 +154,88 @@ def test_the_progress_bar_counts_every_byte_also_when_resumed(hf, tmp_path, monk
     expected = sum(int(np.prod(s.read_shape)) * 4 for s in hf_import.plan(hf_import.SafetensorsIndex(hf / "hf"),
                                                                               l4jax.load_config(hf / "hf")))
     assert "100%" in last and f"{expected / 1e3:.0f}k/{expected / 1e3:.0f}k" in last, last
+
+
+def small_rows(monkeypatch) -> list:
+    """Tensors of 2 kB or more written in chunks of ~700 bytes of rows, and read as ``Rows`` (block by block, as
+    they are written) when they need no transpose, as a 128 MB tensor is; returns the paths of those read so."""
+    monkeypatch.setattr(read_ahead, "ROWS_BYTES", 2000)
+    monkeypatch.setattr(read_ahead, "BLOCK_BYTES", 700)
+    streamed, real = [], hf_import.reads
+
+    class NeverWhole(read_ahead.Rows):
+        def read(self):
+            pytest.fail("a tensor read as Rows was read whole")
+
+    def reads(*a, **k):
+        out = real(*a, **k)
+        streamed.extend(path for path, _, r in out if isinstance(r, read_ahead.Rows))
+        return [(path, n, NeverWhole(*dataclasses.astuple(r)) if isinstance(r, read_ahead.Rows) else r)
+                for path, n, r in out]
+    monkeypatch.setattr(hf_import, "reads", reads)
+    return streamed
+
+
+def test_tensors_written_as_they_are_read_give_the_same_checkpoint(hf, tmp_path, monkeypatch):
+    """Large tensors in blocks of rows: the embedding and the experts as they are read, the LM head and a q
+    projection (transposed, reshaped) from their whole arrays. Bit for bit the checkpoint written tensor by tensor,
+    with the same checksums."""
+    streamed = small_rows(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(out)]) == 0
+    assert {("embed",), ("layers_1", "moe", "gate"), ("layers_1", "moe", "down")} <= set(streamed)
+    assert not {("lm_head",), ("layers_0", "attn", "q"), ("layers_0", "mlp", "down")} & set(streamed)
+    for name in ("embed", "lm_head", "layers_1/moe/down", "layers_0/attn/q"):
+        meta = json.loads((out / "params" / name / "value" / ".zarray").read_text())
+        chunks = -(-meta["shape"][0] // meta["chunks"][0])
+        assert chunks > 1 and len(list((out / "params" / name / "value").glob("[0-9]*"))) == chunks, name
+    same_checkpoint(out, hf / "whole")
+
+
+def test_killed_while_a_tensor_is_written_in_rows(hf, tmp_path, monkeypatch):
+    """Killed half-way through the embedding's blocks (its Orbax item already there, some chunks written), then
+    the same command: the half-written item is written again and the result is the uninterrupted one's."""
+    small_rows(monkeypatch)
+    real = hf_import._blocks
+
+    def dies_in_the_embedding(index, s, *a):
+        for n, item in enumerate(real(index, s, *a)):
+            if s.path == ("embed",) and n == 3:
+                raise Killed
+            yield item
+    monkeypatch.setattr(hf_import, "_blocks", dies_in_the_embedding)
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        main(["convert", "--from-hf", str(hf / "hf"), "--to", str(out)])
+    partial = atomic.partial_dir(out)
+    assert len(list((partial / "params" / "embed" / "value").glob("[0-9]*"))) >= 1
+    assert "embed" not in json.loads((partial / conversion.PARTIAL).read_text())["done"]
+    monkeypatch.setattr(hf_import, "_blocks", real)
+    assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(out)]) == 0
+    same_checkpoint(out, hf / "whole")
+
+
+def test_a_damaged_row_of_a_tensor_read_in_rows_is_named(hf, tmp_path, monkeypatch, capsys):
+    """A NaN in a later block of a tensor read as Rows: exit 2, the file, tensor and row named, as whole reads do;
+    what was written before it is kept for the same command."""
+    small_rows(monkeypatch)
+    src = tmp_path / "hf"
+    shutil.copytree(hf / "hf", src)
+    f = next(src.glob("*.safetensors"))
+    key = "model.embed_tokens.weight"
+    with safe_open(str(f), framework="numpy") as h:
+        shape = h.get_slice(key).get_shape()
+    data = bytearray(f.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    start = json.loads(data[8:header])[key]["data_offsets"][0]
+    row = 7
+    at = header + start + 4 * (row * shape[1] + 3)
+    data[at:at + 4] = np.array([np.nan], np.float32).tobytes()
+    f.write_bytes(bytes(data))
+    assert main(["convert", "--from-hf", str(src), "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"l4jax: {f}: tensor '{key}' holds NaN or infinite values (first in row {row}); the checkpoint is "
+                   "damaged"), err
 
 
 @pytest.mark.slow

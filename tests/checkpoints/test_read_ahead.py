@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from l4jax.checkpoints.read_ahead import interleave, read_ahead
+from l4jax.checkpoints.read_ahead import Rows, default_budget, interleave, read_ahead
+from l4jax.checkpoints.read_ahead import held as held_bytes
 
 
 def test_read_ahead_keeps_order_and_the_byte_budget_and_raises_in_place():
@@ -46,5 +47,43 @@ def test_interleave_puts_smaller_tensors_beside_each_large_one():
     todo = [(n, size, None) for n, size in sizes]
     order = [n for n, _, _ in interleave(todo, budget=11)]
     assert order == ["embed", "norm", "a", "head", "b", "c", "d"]  # beside each 8: up to 3 more, in their order
-    assert [n for n, _, _ in interleave(todo, budget=8)] == ["embed", "head", "norm", "a", "b", "c", "d"]
+    assert [n for n, _, _ in interleave(todo, budget=8)] == ["embed", "norm", "head", "a", "b", "c", "d"]
     assert sorted(interleave(todo, budget=100)) == sorted(todo)
+
+
+def test_rows_are_handed_over_unread_and_count_as_their_blocks_in_flight():
+    """A ``Rows`` tensor is handed over unread (the caller reads its blocks as it writes them) and counts against
+    the budget as its blocks in flight, so the next whole tensor is read meanwhile, not after it."""
+    log, lock = [], threading.Lock()
+
+    def blocks():
+        for i in range(4):
+            with lock:
+                log.append(("block", i, threading.current_thread().name))
+            yield np.full((1, 2), i)
+
+    def whole():
+        with lock:
+            log.append(("whole", None, threading.current_thread().name))
+        return np.zeros(2)
+
+    rows = Rows((4, 2), np.dtype(np.int64), 1, blocks)
+    todo = [("rows", 64, rows), ("whole", 16, whole)]
+    assert held_bytes(todo[0]) == Rows.IN_FLIGHT * 16 and default_budget(todo) == 16 + Rows.IN_FLIGHT * 16
+    with read_ahead(todo, default_budget(todo)) as arrays:
+        name, item = next(arrays)
+        assert name == "rows" and item is rows
+        time.sleep(0.05)  # the thread reads the next tensor while this one's blocks are written
+        assert log == [("whole", None, "l4jax-read-ahead")]
+        assert [int(b[0, 0]) for b in item.blocks()] == [0, 1, 2, 3]
+        del item
+        assert next(arrays)[0] == "whole"
+    with read_ahead(todo, 16) as arrays:  # no room beside the blocks: the whole tensor waits for them
+        name, item = next(arrays)
+        time.sleep(0.05)
+        assert len(log) == 5
+        del item
+        next(arrays)
+    assert len(log) == 6
+    x = np.arange(10).reshape(5, 2)
+    assert Rows((5, 2), x.dtype, 2, lambda: iter(x[i:i + 2] for i in (0, 2, 4))).read().tolist() == x.tolist()
