@@ -17,7 +17,8 @@ devices, and how many depends on the layer:
   attention does) over blocks of ``block`` queries and ``block`` keys: a device holds two blocks of T / c keys
   and [B, H, block, block] scores at a time, never the row's keys. Every device scores all T keys (masked
   causally), so the work is balanced across devices, at twice the pairs a causal schedule needs (a zig-zag
-  placement of the shards would halve that; not built). XLA overlaps the ``ppermute`` with the scoring.
+  placement of the shards would halve that; not built). Each step sends one packed array (``_pack``), which XLA's
+  GPU scheduler overlaps with the step's scoring (it keeps one collective-permute in flight at a time).
 
 Both score blocks of queries and keys with an online softmax (``_accumulate``): [B, H, block, block] scores at a
 time, whatever the length. Numbers equal the one-device paths' up to the order of the sums
@@ -107,14 +108,53 @@ def _ring(q, keys, scale: float, block: int, axis: str, c: int) -> jax.Array:
     def visit(acc, keys):
         return jax.lax.map(lambda xs: _accumulate(xs[0], xs[1], xs[2], xs[3:], keys, scale, block), (qs, qi, qg, *acc))
 
-    def step(_, state):
-        keys, acc = state
-        # Send the block on first, then score it: the transfer (an async collective-permute) runs under the scoring.
-        sent = jax.lax.ppermute(keys, axis, [(j, (j + 1) % c) for j in range(c)])
-        return sent, visit(acc, keys)
+    # One array travels: XLA's GPU scheduler keeps one collective-permute in flight at a time, so a tuple (split
+    # into one permute per dtype and array) had only its last part under the scoring, the rest waited on before it.
+    packed, layout = _pack(keys)
 
-    keys, acc = jax.lax.fori_loop(0, c - 1, step, (keys, acc))
-    return _finish(visit(acc, keys), q)
+    def step(_, state):
+        packed, acc = state
+        # Send the block on first, then score it: the transfer (an async collective-permute) runs under the scoring.
+        sent = jax.lax.ppermute(packed, axis, [(j, (j + 1) % c) for j in range(c)])
+        return sent, visit(acc, _unpack(packed, layout))
+
+    packed, acc = jax.lax.fori_loop(0, c - 1, step, (packed, acc))
+    return _finish(visit(acc, _unpack(packed, layout)), q)
+
+
+def _pack(keys):
+    """The ring's (k, v [B, t, K, hd], slots, validity, groups [B, t] or None) as one array [B, t, n] of unsigned
+    words of k's size, every part bitcast (floats carried as integers: no NaN or denormal can be rewritten on the
+    way), and the layout ``_unpack`` reads."""
+    k = keys[0]
+    carrier = jnp.dtype(f"uint{8 * k.dtype.itemsize}")
+    parts, layout = [], []
+    for x in keys:
+        if x is None:
+            layout.append(None)
+            continue
+        y = jax.lax.bitcast_convert_type(x.astype(jnp.int32) if x.dtype == jnp.bool_ else x, carrier)
+        y = y.reshape(*k.shape[:2], -1)
+        layout.append((x.shape, x.dtype, y.shape[-1]))
+        parts.append(y)
+    return jnp.concatenate(parts, -1), tuple(layout)
+
+
+def _unpack(packed, layout):
+    """``_pack``'s inverse."""
+    out, at = [], 0
+    for spec in layout:
+        if spec is None:
+            out.append(None)
+            continue
+        shape, dtype, n = spec
+        words = jnp.dtype(jnp.int32) if dtype == jnp.bool_ else jnp.dtype(dtype)
+        ratio = words.itemsize // packed.dtype.itemsize
+        y = packed[..., at:at + n]
+        at += n
+        y = jax.lax.bitcast_convert_type(y.reshape(*y.shape[:-1], n // ratio, ratio) if ratio > 1 else y, words)
+        out.append((y != 0 if dtype == jnp.bool_ else y).reshape(shape))
+    return tuple(out)
 
 
 def _query_blocks(q, index, group, block: int, K: int):
