@@ -31,6 +31,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from .axes import Partitioning, ShardingError
@@ -108,18 +109,36 @@ def _ring(q, keys, scale: float, block: int, axis: str, c: int) -> jax.Array:
     def visit(acc, keys):
         return jax.lax.map(lambda xs: _accumulate(xs[0], xs[1], xs[2], xs[3:], keys, scale, block), (qs, qi, qg, *acc))
 
-    # One array travels: XLA's GPU scheduler keeps one collective-permute in flight at a time, so a tuple (split
-    # into one permute per dtype and array) had only its last part under the scoring, the rest waited on before it.
-    packed, layout = _pack(keys)
-
     def step(_, state):
-        packed, acc = state
+        keys, acc = state
         # Send the block on first, then score it: the transfer (an async collective-permute) runs under the scoring.
-        sent = jax.lax.ppermute(packed, axis, [(j, (j + 1) % c) for j in range(c)])
-        return sent, visit(acc, _unpack(packed, layout))
+        return _send(keys, axis, c), visit(acc, keys)
 
-    packed, acc = jax.lax.fori_loop(0, c - 1, step, (packed, acc))
-    return _finish(visit(acc, _unpack(packed, layout)), q)
+    keys, acc = jax.lax.fori_loop(0, c - 1, step, (keys, acc))
+    return _finish(visit(acc, keys), q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _send(keys, axis: str, c: int):
+    """``keys`` (k, v, slots, validity, groups or None) from each device to the next along ``axis`` (a ring of c),
+    as one array (``_pack``): XLA's GPU scheduler keeps one collective-permute in flight at a time, so the tuple (a
+    permute per array) had only its last part under the step's scoring. The gradient of k and v goes back the
+    same way, as one array too."""
+    packed, layout = _pack(keys)
+    return _unpack(jax.lax.ppermute(packed, axis, [(j, (j + 1) % c) for j in range(c)]), layout)
+
+
+def _send_fwd(keys, axis: str, c: int):
+    return _send(keys, axis, c), None
+
+
+def _send_bwd(axis: str, c: int, _, cot):
+    dk, dv = jax.lax.ppermute(jnp.stack(cot[:2]), axis, [((j + 1) % c, j) for j in range(c)])
+    ints = tuple(None if x is None else np.zeros(x.shape, jax.dtypes.float0) for x in cot[2:])  # no gradient
+    return ((dk, dv) + ints,)
+
+
+_send.defvjp(_send_fwd, _send_bwd)
 
 
 def _pack(keys):

@@ -4,7 +4,8 @@ running in a second environment that has only l4jax's own dependencies.
 
     python tests/compat/jax_newer.py make DIR    # test env: tiny HF checkpoints, HF logits and greedy tokens
     python tests/compat/jax_newer.py check DIR   # newer-JAX env: l4jax on 4 meshes, generate, save/restore,
-                                                 # a sharded train step, a training checkpoint onto another mesh
+                                                 # a sharded train step, a training checkpoint onto another mesh,
+                                                 # logits and train steps with the sequence split (context=4)
 """
 
 import os
@@ -63,6 +64,14 @@ def check(folder) -> int:
             m = l4jax.load(path, mesh=None if mesh is None else l4jax.make_mesh(**mesh))
             err = rel(m(ids, mask))
             report(f"{name} logits, mesh {mesh}", err <= 1e-4, f"rel err {err:.1e}")
+        # The sequence split over devices (ring attention and its packed sends), left-padded to split in four,
+        # against one device on the same rows (extra left padding moves HF's chunk boundaries, so not against HF).
+        rows = [np.pad(x, ((0, 0), (-ids.shape[1] % 4, 0))) for x in (ids, mask)]
+        one = np.asarray(l4jax.load(path)(*rows))
+        split = np.asarray(l4jax.load(path, mesh=l4jax.make_mesh(context=4, tensor=2))(*rows))
+        real = rows[1].astype(bool)
+        err = float(np.abs(split - one)[real].max() / np.abs(one[real]).max())
+        report(f"{name} logits, mesh context=4, tensor=2, equal one device's", err <= 1e-5, f"rel err {err:.1e}")
         gen = l4jax.load(path).generate(ids, mask, max_new_tokens=20, stop_tokens=())
         report(f"{name} greedy tokens equal transformers", np.array_equal(gen, ref[f"{name}_gen"]))
         saved = os.path.join(folder, f"{name}-saved")
@@ -94,6 +103,7 @@ def train_checks(name, path, ref, folder, report):
     sharded = Trainer(config, tc, l4jax.make_mesh(data=2, expert=2, tensor=2))
     state, frozen = sharded.init_state(l4jax.load(path).params)
     state, m = sharded.step(state, frozen, batch)
+    first = float(m["loss"])
     hf = float(ref[f"{name}_hf_loss"])
     err = abs(float(m["loss"]) - hf) / hf
     report(f"{name} sharded train step loss equals transformers", err <= 1e-5, f"{float(m['loss']):.7f} vs {hf:.7f}")
@@ -113,6 +123,15 @@ def train_checks(name, path, ref, folder, report):
         resumed.append(float(m["loss"]))
     ok = np.allclose(straight, resumed, rtol=1e-5) and straight[1] < straight[0] < hf  # the weights do move
     report(f"{name} training checkpoint restored onto one device continues", ok, f"{straight} vs {resumed}")
+    # The same three steps with the sequence split over devices: the gradients through the ring's sends too.
+    split = Trainer(config, tc, l4jax.make_mesh(context=4, tensor=2))
+    state, frozen = split.init_state(l4jax.load(path).params)
+    losses = []
+    for _ in range(3):
+        state, m = split.step(state, frozen, batch)
+        losses.append(float(m["loss"]))
+    ok = np.allclose(losses, [first] + straight, rtol=1e-5)
+    report(f"{name} train steps on mesh context=4, tensor=2 equal the data-parallel ones", ok, f"{losses}")
     jax.clear_caches()
 
 
