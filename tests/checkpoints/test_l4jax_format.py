@@ -32,6 +32,28 @@ def test_converted_checkpoint_gives_identical_logits(converted):
     assert l4jax_format.read_manifest(converted / "l4")["dtype"] == "float32"
 
 
+def test_checkpoints_written_with_ocdbt_still_load(converted, tmp_path, monkeypatch):
+    """Before 2026-11-29 each item's array was an OCDBT database (Orbax's default); items are plain zarr folders
+    now. A checkpoint written the old way loads to the same logits, on one device and on a mesh."""
+    import orbax.checkpoint as ocp
+    th = ocp.type_handlers
+
+    def old_writer():
+        registry = th.create_type_handler_registry((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+                                                   (jax.Array, th.ArrayHandler()))
+        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    monkeypatch.setattr(l4jax_format, "writer", old_writer)
+    assert main(["convert", "--from-hf", str(converted / "hf"), "--to", str(tmp_path / "old")]) == 0
+    monkeypatch.undo()
+    assert (tmp_path / "old" / "params" / "embed" / "manifest.ocdbt").is_file()
+    assert not (converted / "l4" / "params" / "embed" / "manifest.ocdbt").exists()
+    ids, mask, _ = batch()
+    want = np.asarray(l4jax.load(converted / "l4")(ids, mask))
+    np.testing.assert_array_equal(np.asarray(l4jax.load(tmp_path / "old")(ids, mask)), want)
+    on_mesh = l4jax.load(tmp_path / "old", mesh=l4jax.make_mesh(expert=2, tensor=4))
+    np.testing.assert_allclose(np.asarray(on_mesh(ids, mask)), want, rtol=0, atol=2e-6)
+
+
 @pytest.mark.slow  # the default suite stays under 10 minutes
 def test_restore_onto_mesh_and_cast(converted):
     ids, mask, _ = batch()
