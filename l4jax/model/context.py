@@ -67,8 +67,8 @@ def attend_split(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k
         group = group[0] if group else None
         keys = (k, v, jnp.broadcast_to(q_index, k_valid.shape), k_valid, group)  # slots per row, like the halo's
         if halo:  # the previous device's last span - 1 entries; the first device's arrive zeroed: invalid
-            past = jax.lax.ppermute(tuple(x[:, -(span - 1):] for x in keys), axis,
-                                    [(i, i + 1) for i in range(c - 1)])
+            past = _send(tuple(None if x is None else x[:, -(span - 1):] for x in keys), axis,
+                         tuple((i, i + 1) for i in range(c - 1)))
             return _local(q, keys, past, scale, span, block)
         return _ring(q, keys, scale, block, axis, c)
 
@@ -112,28 +112,28 @@ def _ring(q, keys, scale: float, block: int, axis: str, c: int) -> jax.Array:
     def step(_, state):
         keys, acc = state
         # Send the block on first, then score it: the transfer (an async collective-permute) runs under the scoring.
-        return _send(keys, axis, c), visit(acc, keys)
+        return _send(keys, axis, tuple((j, (j + 1) % c) for j in range(c))), visit(acc, keys)
 
     keys, acc = jax.lax.fori_loop(0, c - 1, step, (keys, acc))
     return _finish(visit(acc, keys), q)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _send(keys, axis: str, c: int):
-    """``keys`` (k, v, slots, validity, groups or None) from each device to the next along ``axis`` (a ring of c),
-    as one array (``_pack``): XLA's GPU scheduler keeps one collective-permute in flight at a time, so the tuple (a
-    permute per array) had only its last part under the step's scoring. The gradient of k and v goes back the
-    same way, as one array too."""
+def _send(keys, axis: str, pairs: tuple[tuple[int, int], ...]):
+    """``keys`` (k, v, slots, validity, groups or None) sent between devices along ``axis`` (``pairs`` of source
+    and target, as ``ppermute``'s), as one array (``_pack``): XLA's GPU scheduler keeps one collective-permute in
+    flight at a time, so a tuple (a permute per array) had only its last part under the ring step's scoring. The
+    gradient of k and v goes back the same way, as one array too."""
     packed, layout = _pack(keys)
-    return _unpack(jax.lax.ppermute(packed, axis, [(j, (j + 1) % c) for j in range(c)]), layout)
+    return _unpack(jax.lax.ppermute(packed, axis, pairs), layout)
 
 
-def _send_fwd(keys, axis: str, c: int):
-    return _send(keys, axis, c), None
+def _send_fwd(keys, axis: str, pairs):
+    return _send(keys, axis, pairs), None
 
 
-def _send_bwd(axis: str, c: int, _, cot):
-    dk, dv = jax.lax.ppermute(jnp.stack(cot[:2]), axis, [((j + 1) % c, j) for j in range(c)])
+def _send_bwd(axis: str, pairs, _, cot):
+    dk, dv = jax.lax.ppermute(jnp.stack(cot[:2]), axis, tuple((b, a) for a, b in pairs))
     ints = tuple(None if x is None else np.zeros(x.shape, jax.dtypes.float0) for x in cot[2:])  # no gradient
     return ((dk, dv) + ints,)
 
