@@ -275,7 +275,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
     conv.add_argument("--read-ahead-gb", type=float, default=None,
                       help="GB of tensors held at once while the next ones are read during a write "
-                           "(default: the largest tensor's, so the peak stays one tensor's)")
+                           "(default: the largest tensor read whole, plus the blocks in flight of one written "
+                           "as it is read, so the peak stays about one tensor's)")
     conv.add_argument("--quantize", default=None, help="--from-hf: int8, int4 or fp8, each large weight quantized as "
                       "it is read and stored so (l4jax.load reads it as it is); an FP8 release with fp8 keeps its own")
     conv.add_argument("--restart", action="store_true", help="start over instead of continuing the partial "
