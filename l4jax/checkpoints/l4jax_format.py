@@ -111,9 +111,9 @@ def write_param(ckptr: ocp.Checkpointer, tmp: Path, out: Path, name: str, array)
         ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave({"value": array}))
     except _WriteError as e:
         raise OSError(f"{out}: writing parameter {name!r} failed: {first_line(e.__cause__)}") from e.__cause__
-    except ValueError:  # a damaged source tensor (hf_import.CheckpointError), read block by block as it is written
-        raise
     except Exception as e:  # a full disk or an I/O error, which TensorStore raises in many types
+        if isinstance(array, Rows):  # anything else while writing Rows is its reading's (a damaged source tensor)
+            raise
         raise OSError(f"{out}: writing parameter {name!r} failed: {first_line(e)}") from e
     return checksum.of_array(array), int(array.nbytes)
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -211,6 +212,36 @@ def test_killed_while_a_tensor_is_written_in_rows(hf, tmp_path, monkeypatch):
     assert len(list((partial / "params" / "embed" / "value").glob("[0-9]*"))) >= 1
     assert "embed" not in json.loads((partial / conversion.PARTIAL).read_text())["done"]
     monkeypatch.setattr(hf_import, "_blocks", real)
+    assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(out)]) == 0
+    same_checkpoint(out, hf / "whole")
+
+
+def test_a_disk_that_fills_while_a_tensor_is_written_in_rows(hf, tmp_path, monkeypatch, capsys):
+    """ENOSPC on the embedding's third block (TensorStore raises it as a ValueError): exit 2 and one line naming the
+    folder, the parameter and the disk, as for a whole tensor; the same command then finishes the checkpoint."""
+    small_rows(monkeypatch)
+    real = l4jax_format.ts.open
+
+    class Full:
+        def __init__(self, store):
+            self.store, self.writes = store, 0
+
+        def __getitem__(self, box):
+            self.writes += 1
+            if self.writes == 3:
+                raise ValueError("OUT_OF_RANGE: Error writing local file: [OS error 28: No space left on device]")
+            return self.store[box]
+
+    def opened(spec, **kw):
+        future = real(spec, **kw)
+        return type("Done", (), {"result": lambda self: Full(future.result())})()
+    monkeypatch.setattr(l4jax_format, "ts", types.SimpleNamespace(open=opened))  # Orbax keeps the real one
+    out = tmp_path / "out"
+    assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(out)]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"l4jax: {out}: writing parameter 'embed' failed: OUT_OF_RANGE") and \
+        "No space left on device" in line and line.endswith("the same command continues from there"), line
+    monkeypatch.undo()
     assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(out)]) == 0
     same_checkpoint(out, hf / "whole")
 
