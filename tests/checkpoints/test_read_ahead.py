@@ -73,7 +73,9 @@ def test_rows_are_handed_over_unread_and_count_as_their_blocks_in_flight():
     with read_ahead(todo, default_budget(todo)) as arrays:
         name, item = next(arrays)
         assert name == "rows" and item is rows
-        time.sleep(0.05)  # the thread reads the next tensor while this one's blocks are written
+        deadline = time.time() + 10  # the thread reads the next tensor while this one's blocks are written
+        while not log and time.time() < deadline:
+            time.sleep(0.005)
         assert log == [("whole", None, "l4jax-read-ahead")]
         assert [int(b[0, 0]) for b in item.blocks()] == [0, 1, 2, 3]
         del item
