@@ -36,17 +36,17 @@ def test_logits_on_context_meshes_equal_one_device(name, meshes):
         np.testing.assert_allclose(got[mask > 0], want[mask > 0], rtol=0, atol=2e-6, err_msg=str(axes))
 
 
-@pytest.mark.parametrize("span", [None, 6, 16])
-def test_ring_and_halo_attention_equal_dense_attention_in_blocks(span):
+@pytest.mark.parametrize("span,T", [(None, 48), (6, 48), (16, 48), (None, 44)])
+def test_ring_and_halo_attention_equal_dense_attention_in_blocks(span, T):
     """attend_split on context=4 with blocks of 4 queries and keys (shards of 12: three blocks per ring step, the
-    halo path for span 6, the ring for a global layer and for span 16), two documents in one row, left padding:
-    the dense ``attend`` of the whole row."""
+    halo path for span 6, the zig-zag ring for a global layer and for span 16; shards of 11: the contiguous ring),
+    two documents in one row, left padding: the dense ``attend`` of the whole row."""
     from l4jax.model.attention import attend
     from l4jax.model.context import attend_split
     from l4jax.model.masks import visible
     from l4jax.parallel import partitioning
     rng = np.random.default_rng(0)
-    B, T, H, K, hd = 2, 48, 4, 2, 8
+    B, H, K, hd = 2, 4, 2, 8
     q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, hd)), jnp.float32) for n in (H, K, K))
     index = jnp.arange(T)[None]
     valid = jnp.asarray(np.arange(T)[None] >= np.array([[5], [0]]))          # row 0 left-padded by 5

@@ -127,15 +127,17 @@ def test_a_long_prefill_split_over_eight_h100s():
            if shape_bytes(m.group(1)) >= 131072 * 8 * 128 * 2 // 8]  # an eighth of one layer's keys
     assert not big, big
     assert result.memory["temporaries"] < 4 * 2**30, result.memory
-    # The ring's step sends one array (keys, values, slots, validity packed) and scores the block it holds between
-    # the send's start and done: the transfer runs under the scoring (XLA keeps one permute in flight at a time).
+    # The ring's step sends one array (keys, values, slots, validity packed) and scores the block it holds (the
+    # zig-zag's two pairs) between the send's start and done: the transfer runs under the scoring (XLA keeps one
+    # permute in flight at a time).
     steps = [body for body in re.split(r"\n(?=%|ENTRY)", result.hlo)
              if not body.startswith("ENTRY") and "collective-permute-start(" in body]
     assert steps
     for body in steps:
         order = [op for line in body.splitlines()
                  for op in re.findall(r" (collective-permute-start|collective-permute-done|while)\(%", line)]
-        assert order == ["collective-permute-start", "while", "collective-permute-done"], order
+        assert order[0] == "collective-permute-start" and order[-1] == "collective-permute-done", order
+        assert len(order) >= 3 and set(order[1:-1]) == {"while"}, order
 
 
 @pytest.mark.parametrize("task,kw", V5E, ids=[f"{t}-{kw['batch']}" for t, kw in V5E])
