@@ -10,17 +10,18 @@ devices, and how many depends on the layer:
   last C - 1 keys, values, slots, validity and groups to the next one (``ppermute``: a halo), and scores each
   block of its queries against only the block + C - 1 entries before its end (halo included). The first device
   gets an invalid halo. A shard shorter than a chunk takes the global path below.
-- a global (NoPE) layer's last query sees the whole row, and so does a chunked layer's query when shards are
-  shorter than a chunk: ring attention. Each device scores its own queries against its own keys, then passes its
-  keys and values (with their slots, validity and groups) to the next device along the axis (``ppermute``) and
-  scores the ones it receives, c - 1 times, accumulating an online softmax (running max and sum, as flash
-  attention does) over blocks of ``block`` queries and ``block`` keys: a device holds two blocks of T / c keys
-  and [B, H, block, block] scores at a time, never the row's keys. With an even shard the ring runs zig-zag
-  (``_zigzag``): device d holds chunks d and 2c - 1 - d of the row cut in 2c, and at each step scores only the
-  two of its four (query half, key half) pairs that are not wholly in the future: every device does the same
+- a global (NoPE) layer's last query sees the whole row, and so does a chunked layer's query when shards are shorter
+  than a chunk. A short row (its keys and values at most ``GATHER_BYTES``) is gathered whole in one collective and
+  each device scores its queries against it; a longer one goes through ring attention: each device scores its own
+  queries against its own keys, then passes its keys and values (with their slots, validity and groups) to the next
+  device along the axis and scores the ones it receives, c - 1 times, accumulating an online softmax (running max
+  and sum, as flash attention does) over blocks of ``block`` queries and ``block`` keys: a device holds two blocks
+  of T / c keys and [B, H, block, block] scores at a time, never the row's keys. With an even shard the ring runs
+  zig-zag (``_zigzag``): device d holds chunks d and 2c - 1 - d of the row cut in 2c, and at each step scores only
+  the two of its four (query half, key half) pairs that are not wholly in the future: every device does the same
   work, (c + 1) / 2c of a contiguous ring's (bench/ring.py: 0.50-0.57x at c = 8 on the CPU). An odd shard takes the
-  contiguous ring (every device scores all T keys, masked). Each send is one packed array (``_send``), which
-  XLA's GPU scheduler overlaps with the step's scoring (it keeps one collective-permute in flight at a time).
+  contiguous ring (every device scores all T keys, masked). Each send is one packed array (``_send``), which XLA's
+  GPU scheduler overlaps with the step's scoring (it keeps one collective-permute in flight at a time).
 
 Both score blocks of queries and keys with an online softmax (``_accumulate``): [B, H, block, block] scores at a
 time, whatever the length. Numbers equal the one-device paths' up to the order of the sums
@@ -72,6 +73,8 @@ def attend_split(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k
             past = _send(tuple(None if x is None else x[:, -(span - 1):] for x in keys), axis,
                          tuple((i, i + 1) for i in range(c - 1)))
             return _local(q, keys, past, scale, span, block)
+        if _row_bytes(k, c) <= GATHER_BYTES:
+            return _visit_all(q, keys, _gather(keys, axis, c), scale, block)
         return _ring(q, keys, scale, block, axis, c)
 
     args = (q, k, v, q_index, k_valid) + ((group,) if group is not None else ())
@@ -80,6 +83,45 @@ def attend_split(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k
 
 
 FILLS = (0, 0, -1, False, -1)  # padding of keys, values, slots, validity, groups: never visible
+# A row whose keys and values take at most this many bytes (the whole row's, on each device) is gathered in one
+# collective and scored at once; a longer one goes around the ring (c - 1 steps under the scoring, zig-zag).
+# 32 MiB is 8192 tokens of Scout's 8 kv heads of 128 in bf16: below it a step is latency, not transfer or work.
+GATHER_BYTES = 32 << 20
+
+
+def _row_bytes(k, c: int) -> int:
+    """Bytes of the whole rows' keys and values, from one device's k [B, t, K, hd] (B and K as it sees them)."""
+    return 2 * c * k.size * k.dtype.itemsize
+
+
+def _visit_all(q, own, keys, scale: float, block: int) -> jax.Array:
+    """One device's queries q [B, t, H, hd] (slots and groups those of its ``own`` keys) against the whole row's
+    ``keys`` (gathered), in blocks."""
+    blocks = _query_blocks(q, own[2], own[4], block, own[0].shape[2])
+    return _finish(_visit(jax.vmap(_empty)(blocks[0]), blocks, keys, scale, block), q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(keys, axis: str, c: int):
+    """The whole row's ``keys`` (k, v, slots, validity, groups or None) from every device's part along ``axis``:
+    one all-gather of the packed array (``_pack``). The gradient of k and v comes back as one reduce-scatter."""
+    packed, layout = _pack(keys)
+    whole = tuple(None if x is None else ((x[0][0], x[0][1] * c) + x[0][2:], x[1], x[2]) for x in layout)
+    return _unpack(jax.lax.all_gather(packed, axis, axis=1, tiled=True), whole)
+
+
+def _gather_fwd(keys, axis: str, c: int):
+    return _gather(keys, axis, c), None
+
+
+def _gather_bwd(axis: str, c: int, _, cot):
+    dk, dv = jax.lax.psum_scatter(jnp.stack(cot[:2]), axis, scatter_dimension=2, tiled=True)
+    ints = tuple(None if x is None else np.zeros((x.shape[0], x.shape[1] // c) + x.shape[2:], jax.dtypes.float0)
+                 for x in cot[2:])  # no gradient
+    return ((dk, dv) + ints,)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def _local(q, keys, past, scale: float, span: int, block: int) -> jax.Array:

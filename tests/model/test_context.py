@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import l4jax
+from l4jax.model import context
 from l4jax.model.axes import ShardingError
 from l4jax.train.step import Trainer
 from tiny import CONFIGS, batch, run_steps, tiny_setup
@@ -19,15 +20,30 @@ def config(name: str):
     return l4jax.load_config(dict(CONFIGS[name], model_type="llama4_text"))
 
 
+@pytest.fixture(autouse=True)
+def ring(monkeypatch):
+    """The tiny rows here are short enough to be gathered whole (``context.GATHER_BYTES``): these tests take the ring
+    unless they ask for the gathered path (``gathered``)."""
+    monkeypatch.setattr(context, "GATHER_BYTES", 0)
+
+
+def gathered(monkeypatch):
+    monkeypatch.setattr(context, "GATHER_BYTES", 1 << 40)
+
+
 # Shards of 16 and 8 tokens take the halo path on chunked layers (chunk 8), shards of 4 the gathered one.
 MESHES = [dict(context=2, data=4), dict(context=4, data=2), dict(context=8), dict(context=2, expert=2, tensor=2),
           dict(context=4, tensor=2), dict(context=2, fsdp=2, expert=2)]
 
 
 @pytest.mark.parametrize("name,meshes", [("scout", [MESHES[3]]),  # the halo with expert and tensor (the ring: below)
+                                         ("scout gathered", [MESHES[4]]),
                                          pytest.param("scout", MESHES, marks=pytest.mark.slow),
                                          pytest.param("maverick", MESHES[1:2], marks=pytest.mark.slow)])
-def test_logits_on_context_meshes_equal_one_device(name, meshes):
+def test_logits_on_context_meshes_equal_one_device(name, meshes, monkeypatch):
+    if name.endswith(" gathered"):  # the global layers' keys gathered whole instead of the ring
+        name = name.split()[0]
+        gathered(monkeypatch)
     cfg = config(name)
     ids, mask, _ = batch(lengths=LENGTHS)
     want = np.asarray(l4jax.init(cfg, seed=1)(ids, mask))
@@ -36,11 +52,14 @@ def test_logits_on_context_meshes_equal_one_device(name, meshes):
         np.testing.assert_allclose(got[mask > 0], want[mask > 0], rtol=0, atol=2e-6, err_msg=str(axes))
 
 
-@pytest.mark.parametrize("span,T", [(None, 48), (6, 48), (16, 48), (None, 44)])
-def test_ring_and_halo_attention_equal_dense_attention_in_blocks(span, T):
+@pytest.mark.parametrize("span,T,gather", [(None, 48, False), (6, 48, False), (16, 48, False), (None, 44, False),
+                                           (None, 48, True), (16, 44, True)])
+def test_ring_and_halo_attention_equal_dense_attention_in_blocks(span, T, gather, monkeypatch):
     """attend_split on context=4 with blocks of 4 queries and keys (shards of 12: three blocks per ring step, the
-    halo path for span 6, the zig-zag ring for a global layer and for span 16; shards of 11: the contiguous ring),
-    two documents in one row, left padding: the dense ``attend`` of the whole row."""
+    halo path for span 6, the zig-zag ring for a global layer and for span 16; shards of 11: the contiguous ring;
+    or the row's keys gathered whole), two documents in one row, left padding: the dense ``attend`` of the row."""
+    if gather:
+        gathered(monkeypatch)
     from l4jax.model.attention import attend
     from l4jax.model.context import attend_split
     from l4jax.model.masks import visible
@@ -85,12 +104,16 @@ def test_generation_after_a_context_parallel_prefill(tmp_path):
     assert cache.k[0].sharding.shard_shape(cache.k[0].shape) == (4, 2, 8, 16)   # chunked layer: the whole ring
 
 
-@pytest.mark.slow  # train-step compiles on three meshes
-def test_training_steps_on_context_meshes_equal_one_device():
-    """Packed documents (two per row) on the tiny preset: losses and weights after three steps."""
+@pytest.mark.slow  # train-step compiles on four meshes
+def test_training_steps_on_context_meshes_equal_one_device(monkeypatch):
+    """Packed documents (two per row) on the tiny preset: losses and weights after three steps, through the ring
+    on three meshes and through the gathered keys on one."""
     cfg, tc, rows = tiny_setup(eps=1e-3)
     ref_losses, ref_params = run_steps(Trainer(cfg, tc), rows, n=3)
-    for axes in (dict(context=4, data=2), dict(context=2, expert=2, tensor=2), dict(context=8)):
+    for axes in (dict(context=4, data=2), dict(context=2, expert=2, tensor=2), dict(context=8), "gathered"):
+        if axes == "gathered":
+            gathered(monkeypatch)
+            axes = dict(context=4, tensor=2)
         losses, params = run_steps(Trainer(cfg, tc, l4jax.make_mesh(**axes)), rows, n=3)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(axes))
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
