@@ -1,13 +1,14 @@
 """Long context: one prefill of --seq tokens on one device and with the sequence split over --context devices,
 in the same run (simulated CPU devices on a CPU-only machine).
 
-    python bench/context.py [--seq 65536] [--context 8] [--json]
+    python bench/context.py [--seq 65536] [--context 8] [--gather-mib M] [--json]
 
-The model is the ``tiny`` preset (chunk 64: its chunked layers take the halo path, its global layer the ring) with
-random weights; one row, five slots of left padding. For each layout: seconds to compile and to run the prefill
-(``generate``'s: the prompt into an empty cache, last-token logits), the compiled program's temporaries per device
-(XLA's ``memory_analysis``) and the KV cache one device holds, against the whole cache; then the largest
-difference between the two layouts' last-token logits and between their caches (real tokens' entries).
+The model is the ``tiny`` preset (chunk 64: its chunked layers take the halo path, its global layer the ring, or the
+row's keys gathered whole when they are small: ``--gather-mib``) with random weights; one row, five slots of left
+padding. For each layout: seconds to compile and to run the prefill (``generate``'s: the prompt into an empty cache,
+last-token logits), the compiled program's temporaries per device (XLA's ``memory_analysis``) and the KV cache one
+device holds, against the whole cache; then the largest difference between the two layouts' last-token logits and
+between their caches (real tokens' entries).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=65536)
     ap.add_argument("--context", type=int, default=8)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    ap.add_argument("--gather-mib", type=float, default=None,
+                    help="rows whose keys and values take at most this many MiB are gathered whole, longer ones go "
+                         "around the ring (default: l4jax's, context.GATHER_BYTES; 0: always the ring)")
     args = ap.parse_args()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.context}").strip()
@@ -32,6 +36,9 @@ def main() -> None:
 
     import l4jax
     from l4jax.infer.generate import _prefill
+    from l4jax.model import context
+    if args.gather_mib is not None:
+        context.GATHER_BYTES = int(args.gather_mib * 2**20)
     from l4jax.model.cache import KVCache
     from l4jax.model.decoder import Inputs
 
