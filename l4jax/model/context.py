@@ -70,7 +70,7 @@ def attend_split(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, k
         group = group[0] if group else None
         keys = (k, v, jnp.broadcast_to(q_index, k_valid.shape), k_valid, group)  # slots per row, like the halo's
         if halo:  # the previous device's last span - 1 entries; the first device's arrive zeroed: invalid
-            past = _send(tuple(None if x is None else x[:, -(span - 1):] for x in keys), axis,
+            past = _send(jax.tree.map(lambda x: x[:, -(span - 1):], keys), axis,
                          tuple((i, i + 1) for i in range(c - 1)))
             return _local(q, keys, past, scale, span, block)
         if _row_bytes(k, c) <= GATHER_BYTES:
@@ -189,8 +189,7 @@ def _zigzag(q, keys, scale: float, block: int, axis: str, c: int) -> jax.Array:
     even = d % 2 == 0  # chunk d came with the first halves' send, chunk 2c - 1 - d with the second's; or the reverse
 
     def placed(x, send):  # x [B, t, ...] cut in halves, each sent where its chunk lives: (chunk d, chunk 2c-1-d)
-        a, b = (send(tuple(y[:, half * h:(half + 1) * h] if y is not None else None for y in x), there[half])
-                for half in (0, 1))
+        a, b = (send(jax.tree.map(lambda y: y[:, half * h:(half + 1) * h], x), there[half]) for half in (0, 1))
         return _pick(even, a, b), _pick(even, b, a)
 
     (qa,), (qb,) = placed((q,), lambda x, pairs: (jax.lax.ppermute(x[0], axis, pairs),))
@@ -198,12 +197,12 @@ def _zigzag(q, keys, scale: float, block: int, axis: str, c: int) -> jax.Array:
     K = keys[0].shape[2]
     first, second = _query_blocks(qa, ka[2], ka[4], block, K), _query_blocks(qb, kb[2], kb[4], block, K)
     acc = (jax.vmap(_empty)(first[0]), jax.vmap(_empty)(second[0]))
-    own = tuple(None if x is None else jnp.concatenate([x, y], 1) for x, y in zip(ka, kb))
+    own = jax.tree.map(lambda x, y: jnp.concatenate([x, y], 1), ka, kb)
 
     def score(s, keys, acc):  # keys of device d - s (mod c), s >= 1: two of the four pairs
         early = s <= d
-        k1 = tuple(None if x is None else x[:, :h] for x in keys)
-        k2 = _pick(early, k1, tuple(None if x is None else x[:, h:] for x in keys))
+        k1 = jax.tree.map(lambda x: x[:, :h], keys)
+        k2 = _pick(early, k1, jax.tree.map(lambda x: x[:, h:], keys))
         r1 = _visit(_pick(early, acc[0], acc[1]), _pick(early, first, second), k1, scale, block)
         r2 = _visit(_pick(early, acc[1], r1), second, k2, scale, block)
         return _pick(early, r1, acc[0]), r2
