@@ -33,9 +33,9 @@ import numpy as np
 
 from ..config import Llama4Config
 from ..model.quant import contracted_axes, quantize_param
-from . import hf_export, l4jax_format, safetensors_file
+from . import hf_export, l4jax_format, read_ahead, safetensors_file
 from .atomic import atomic_dir, partial_dir
-from .read_ahead import Read, Rows, default_budget, interleave, read_ahead
+from .read_ahead import Read, Rows, default_budget, interleave
 
 PARTIAL = "l4jax.partial.json"
 FORMAT, VERSION = "l4jax-partial", 1
@@ -87,7 +87,7 @@ def convert(reads: list[Read], out: str | Path, *, source: str | Path, config: d
             progress(sum(planned[name] for name in done))
         try:
             budget = budget or default_budget(todo)
-            with l4jax_format.writer() as ckptr, read_ahead(interleave(todo, budget), budget) as arrays:
+            with l4jax_format.writer() as ckptr, read_ahead.read_ahead(interleave(todo, budget), budget) as arrays:
                 for path, array in arrays:
                     name = "/".join(path)
                     done[name], _ = l4jax_format.write_param(ckptr, tmp, out, name, array)
@@ -165,9 +165,11 @@ def export_plan(src: str | Path, *, dtype=None, shard_size: int = hf_export.SHAR
 def export(plan: ExportPlan, out: str | Path, *, progress: Callable[[int], None] | None = None,
            restart: bool = False, budget: int | None = None) -> Path:
     """Write the planned l4jax checkpoint as an HF folder at ``out`` (``hf_export``'s layout, its stored
-    config.json field for field), streamed from the disk and resumably: nothing is loaded onto a device, each HF
-    tensor is assembled from its parameters on a thread while the one before it is written (at most ``budget``
-    bytes of tensors held, default the largest tensor's), and a rerun continues after the last tensor recorded.
+    config.json field for field), streamed from the disk and resumably: nothing is loaded onto a device; a large
+    tensor that lies in its parameters' stored rows (the embedding, the experts' stacks) is written block by block
+    as its chunks are read and decompressed, any other is assembled from its parameters on a thread while the one
+    before it is written (at most ``budget`` bytes of tensors held, default the largest assembled tensor's plus
+    the blocks in flight of a streamed one), and a rerun continues after the last tensor recorded.
     ``progress`` gets byte counts, first those of the tensors an earlier attempt finished."""
     out = Path(out).absolute()
     if out.exists():
@@ -189,17 +191,32 @@ def export(plan: ExportPlan, out: str | Path, *, progress: Callable[[int], None]
         todo = [t for t in tensors if t.key not in done]
         sums = plan.manifest.get("checksums", {})
         with l4jax_format.reader() as ckptr:
-            def get(path):
-                return l4jax_format.read_host(ckptr, plan.src, "/".join(path), sums)
+            def stored(path):  # Rows, or None when the parameter cannot be read in blocks
+                return l4jax_format.stored_rows(plan.src, "/".join(path), sums)
 
-            reads = [(t.key, t.nbytes, functools.partial(t.assemble, get)) for t in todo]
-            with read_ahead(reads, budget or default_budget(reads)) as arrays:
+            def get(path):
+                rows = stored(path)
+                return rows if rows is not None else l4jax_format.read_host(ckptr, plan.src, "/".join(path), sums)
+
+            reads = [(t.key, t.nbytes, _export_read(t, get, stored)) for t in todo]
+            with read_ahead.read_ahead(reads, budget or default_budget(reads)) as arrays:
                 for name, ts in shards.items():
                     _write_shard(tmp / name, ts, arrays, record, tmp, progress)
         hf_export.write_index(tmp, shards)
         hf_export.write_side_files(tmp, plan.config, plan.manifest["config"], plan.src)
         (tmp / PARTIAL).unlink()
     return out
+
+
+def _export_read(t: hf_export.HFTensor, get: Callable, stored: Callable) -> Callable[[], np.ndarray] | Rows:
+    """How one HF tensor is read: a large one that lies in its parameters' rows as they are stored (the embedding,
+    the experts' stacks) as ``Rows``, written as its blocks are read; any other is assembled whole by ``get`` (a
+    part that comes in blocks placed as its blocks are read: the LM head's transpose overlaps its reading)."""
+    if t.nbytes >= read_ahead.ROWS_BYTES:
+        rows = t.rows([stored(s.path) for s in t.parts])
+        if rows is not None:
+            return rows
+    return functools.partial(t.assemble, get)
 
 
 def _check_params(src: Path, stored: list[str], tensors: list[hf_export.HFTensor]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,7 +33,7 @@ from ..config import Llama4Config
 from ..parallel.distributed import to_numpy
 from . import safetensors_file
 from .atomic import atomic_dir
-from .read_ahead import put_transposed
+from .read_ahead import Rows, put_transposed
 from .hf_names import Source, sources
 from .l4jax_format import copy_side_files, first_line
 
@@ -47,16 +48,30 @@ def text_layout(config: Llama4Config) -> tuple[str, str]:
     return "model.", "lm_head.weight"
 
 
-def _place(out: np.ndarray, s: Source, value: np.ndarray) -> None:
+def _place(out: np.ndarray, s: Source, value: np.ndarray | Rows) -> None:
     """Write one l4jax parameter back into its (part of an) HF tensor: undo the reshape, then the transpose (in
-    tiles that stay in the CPU's caches), casting to ``out``'s dtype on the way."""
+    tiles that stay in the CPU's caches), casting to ``out``'s dtype on the way. A parameter given as ``Rows`` is
+    placed block by block as its blocks come (a transpose overlaps the reading of the next blocks)."""
     shape = s.read_shape
     want = s.out_shape or (shape[::-1] if s.transpose else shape)
     if tuple(value.shape) != tuple(want):
         raise ValueError(f"parameter {'/'.join(s.path)!r} has shape {list(value.shape)}; {s.key!r} needs "
                          f"{list(want)}")
+    rows = shape[::-1] if s.transpose else shape  # the parameter as rows of the (transposed) HF tensor
+    if isinstance(value, Rows) and math.prod(want[1:]) % math.prod(rows[1:]) == 0:  # a block is whole rows of it
+        dst, row = out[s.part or ...], 0
+        for block in value.blocks():
+            block = block.reshape(-1, *rows[1:])
+            if s.transpose:
+                put_transposed(dst[:, row:row + len(block)], block)
+            else:
+                dst[row:row + len(block)] = block
+            row += len(block)
+            del block
+        return
+    value = value.read() if isinstance(value, Rows) else value
     if s.transpose:
-        put_transposed(out[s.part or ...], value.reshape(shape[::-1]))
+        put_transposed(out[s.part or ...], value.reshape(rows))
     else:
         out[s.part or ...] = value.reshape(shape)
 
@@ -74,13 +89,35 @@ class HFTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def assemble(self, get: Callable[[tuple[str, ...]], np.ndarray]) -> np.ndarray:
+    def assemble(self, get: Callable[[tuple[str, ...]], np.ndarray | Rows]) -> np.ndarray:
         """The tensor on the host, each part fetched with ``get(path)`` and placed in turn (host memory: the tensor
-        and one part)."""
+        and one part, or a part's blocks in flight when it comes as ``Rows``)."""
         out = np.empty(self.shape, self.dtype)
         for s in self.parts:
             _place(out, s, get(s.path))
         return out
+
+    def rows(self, stored: list[Rows | None]) -> Rows | None:
+        """The tensor as ``Rows``, each block made from the same rows of every part (``stored``, one per part, in
+        order), never whole in memory: when every part comes in blocks of the same rows and sits in the tensor
+        neither transposed nor reshaped (the embedding, the experts' stacks; a part's slice keeps the first axis
+        whole). Else None: the tensor is assembled whole."""
+        if any(r is None for r in stored) or len({r.block_rows for r in stored}) != 1 or any(
+                s.transpose or tuple(r.shape) != s.read_shape for s, r in zip(self.parts, stored)):
+            return None
+        whole = len(self.parts) == 1 and self.parts[0].part is None and stored[0].dtype == self.dtype
+
+        def blocks() -> Iterator[np.ndarray]:
+            for pieces in zip(*(r.blocks() for r in stored), strict=True):
+                if whole:
+                    yield pieces[0]
+                    continue
+                out = np.empty((len(pieces[0]), *self.shape[1:]), self.dtype)
+                for s, piece in zip(self.parts, pieces):
+                    out[(slice(None), *(s.part or ())[1:])] = piece
+                del pieces
+                yield out
+        return Rows(self.shape, self.dtype, stored[0].block_rows, blocks)
 
 
 def hf_plan(config: Llama4Config, dtype_of: Callable[[tuple[str, ...]], np.dtype]) -> list[HFTensor]:

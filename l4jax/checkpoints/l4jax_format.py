@@ -21,8 +21,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import ctypes
+import itertools
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -258,8 +260,57 @@ def read_host(ckptr: ocp.Checkpointer, path: Path, name: str, sums: dict[str, st
 
 def _check_sum(path: Path, name: str, value, sums: dict[str, str]) -> None:
     if name in sums and checksum.of_array(value) != sums[name]:
-        raise ValueError(f"{path}: parameter {name!r} is damaged: its bytes no longer match the checksum written "
-                         "with it")
+        _damaged(path, name)
+
+
+def _damaged(path: Path, name: str):
+    raise ValueError(f"{path}: parameter {name!r} is damaged: its bytes no longer match the checksum written with it")
+
+
+READS_IN_FLIGHT = Rows.IN_FLIGHT - 1  # blocks being read (decompressed on TensorStore's threads) beside the one used
+
+
+def stored_rows(path: Path, name: str, sums: dict[str, str]) -> Rows | None:
+    """One stored parameter as ``Rows``: blocks of whole chunks of rows (~``read_ahead.BLOCK_BYTES``, or one chunk
+    when a chunk is larger), the next ``READS_IN_FLIGHT`` read and decompressed by TensorStore while the caller uses
+    the one before, the checksum checked after the last block (a damaged parameter is a ValueError naming it, raised
+    in place of the block after the last). None when the item cannot be read so: an OCDBT checkpoint from before
+    2026-11-29, or an array chunked across its trailing axes (``Model.save`` of a sharded array): ``read_host``
+    reads those whole."""
+    value = path / "params" / name / "value"
+    if not (value / ".zarray").is_file():
+        return None
+    try:
+        store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(value)}}, open=True,
+                        read=True).result()
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read parameter {name!r} (missing or damaged): {first_line(e)}") from e
+    shape, dtype = tuple(store.shape), np.dtype(store.dtype.numpy_dtype)
+    chunk = tuple(store.chunk_layout.read_chunk.shape)
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    if not shape or chunk[1:] != shape[1:]:
+        return None
+    step = chunk[0] * max(1, read_ahead.BLOCK_BYTES // max(1, chunk[0] * row_bytes))
+
+    def read(row: int):  # a future of the block from ``row``
+        return store[row:min(row + step, shape[0])].read()
+
+    def blocks() -> Iterator[np.ndarray]:
+        running, starts = checksum.Running(), iter(range(0, shape[0], step))
+        reads = collections.deque(read(r) for r in itertools.islice(starts, READS_IN_FLIGHT))
+        while reads:
+            try:
+                block = reads.popleft().result()
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read parameter {name!r} (missing or damaged): {first_line(e)}"
+                                 ) from e
+            reads.extend(read(r) for r in itertools.islice(starts, 1))
+            running.add(block)
+            yield block
+            del block
+        if name in sums and running.digest() != sums[name]:
+            _damaged(path, name)
+    return Rows(shape, dtype, step, blocks)
 
 
 def restore(path: str | Path, abstract: dict, shardings: dict | None = None, dtype=None,

@@ -19,6 +19,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from .read_ahead import Rows
+
 DTYPES = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
           np.dtype(np.int16): "I16", np.dtype(np.uint16): "U16", np.dtype(np.float16): "F16",
           np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int32): "I32", np.dtype(np.uint32): "U32",
@@ -51,6 +53,7 @@ def write(path: str | Path, entries: Sequence[tuple[str, tuple[int, ...], np.dty
     """Write ``arrays`` (one per entry from ``start`` on, in order, e.g. a generator making each on demand) to
     ``path``; returns the bytes written. Each array must have its entry's shape and dtype.
 
+    An array may come as ``Rows`` (``read_ahead``): its blocks are written as they are read, never whole in memory.
     ``start > 0`` continues a file whose first ``start`` tensors are already written (a resumed export): whatever
     follows them is cut off and the rest written after. With ``on_written``, each tensor is flushed to the disk
     (fsync) before ``on_written(name, bytes)`` is called: a record kept there survives a killed process or node."""
@@ -67,7 +70,10 @@ def write(path: str | Path, entries: Sequence[tuple[str, tuple[int, ...], np.dty
             if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"{name}: got {array.dtype}{list(array.shape)}, the header says "
                                  f"{np.dtype(dtype)}{list(shape)}")
-            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+            if isinstance(array, Rows):
+                _write_rows(f, name, array)
+            else:
+                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
             n += array.nbytes
             if on_written is not None:
                 f.flush()
@@ -76,6 +82,20 @@ def write(path: str | Path, entries: Sequence[tuple[str, tuple[int, ...], np.dty
             del array  # not alive while the next one is made
         f.flush()
     return n
+
+
+def _write_rows(f, name: str, rows: Rows) -> None:
+    """A tensor given as ``Rows``, its blocks written as they come."""
+    n = 0
+    for block in rows.blocks():
+        if tuple(block.shape[1:]) != tuple(rows.shape[1:]) or block.dtype != rows.dtype:
+            raise ValueError(f"{name}: a block of {block.dtype}{list(block.shape)}, the header says "
+                             f"{rows.dtype}{list(rows.shape)}")
+        f.write(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
+        n += len(block)
+        del block
+    if n != rows.shape[0]:
+        raise ValueError(f"{name}: {n} rows written of {rows.shape[0]}")
 
 
 def read_rows(path: str | Path, name: str, start: int, stop: int) -> np.ndarray:

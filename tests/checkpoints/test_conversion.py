@@ -2,6 +2,7 @@
 an uninterrupted run writes; a partial folder of another conversion is refused in one line; --restart starts over."""
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -439,6 +440,88 @@ def test_a_full_disk_during_an_export_is_one_line_and_the_same_command_continues
     monkeypatch.undo()
     seen = assembled(monkeypatch)
     assert main(args) == 0 and len(seen) == 40 and files(tmp_path / "out") == files(exported)
+
+
+def in_blocks(hf: Path, tmp_path: Path, monkeypatch) -> tuple[Path, dict, set]:
+    """A checkpoint written in chunks of ~700 bytes of rows (``small_rows``), and the export set to read tensors
+    of 2 kB or more in blocks: returns the checkpoint, the blocks read of each parameter (filled as the export
+    runs) and the HF tensors written as their blocks were read."""
+    small_rows(monkeypatch)
+    assert main(["convert", "--from-hf", str(hf / "hf"), "--to", str(tmp_path / "l4")]) == 0
+    counts, streamed = {}, set()
+    real_rows, real_stream = l4jax_format.stored_rows, hf_export.HFTensor.rows
+
+    def counted(path, name, sums):
+        r = real_rows(path, name, sums)
+
+        def blocks():
+            for block in r.blocks():
+                counts[name] = counts.get(name, 0) + 1
+                yield block
+        return None if r is None else dataclasses.replace(r, blocks=blocks)
+
+    def rows(self, stored):
+        out = real_stream(self, stored)
+        if out is not None:
+            streamed.add(self.key)
+        return out
+    monkeypatch.setattr(l4jax_format, "stored_rows", counted)
+    monkeypatch.setattr(hf_export.HFTensor, "rows", rows)
+    return tmp_path / "l4", counts, streamed
+
+
+def test_an_export_in_blocks_writes_the_files_of_a_whole_one(hf, exported, tmp_path, monkeypatch):
+    """The embedding and the experts' stacks (gate and up fused back into one tensor block by block) written as
+    their blocks are read, the LM head and the projections transposed into place block by block: byte for byte
+    the files of the export that reads every parameter whole."""
+    src, counts, streamed = in_blocks(hf, tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    assert main(["convert", "--from-l4jax", str(src), "--to-hf", str(out), "--shard-size", "0.00006"]) == 0
+    assert {"model.embed_tokens.weight", "model.layers.1.feed_forward.experts.gate_up_proj",
+            "model.layers.1.feed_forward.experts.down_proj"} <= streamed
+    assert not {"lm_head.weight", "model.layers.0.self_attn.q_proj.weight"} & streamed
+    assert counts["embed"] > 3 and counts["lm_head"] > 3 and counts["layers_1/moe/gate"] > 1
+    assert files(out) == files(exported)
+
+
+def test_an_export_killed_while_a_tensor_is_written_in_blocks(hf, exported, tmp_path, monkeypatch):
+    """Killed after three blocks of the embedding are in its shard: the same command cuts the shard back to its
+    last recorded tensor, writes the embedding again, and ends with the uninterrupted export's files."""
+    src, _, _ = in_blocks(hf, tmp_path, monkeypatch)
+    real = safetensors_file._write_rows
+
+    def dies(f, name, rows):
+        if name == "model.embed_tokens.weight":
+            for block in itertools.islice(rows.blocks(), 3):
+                f.write(block.tobytes())
+            raise Killed
+        real(f, name, rows)
+    monkeypatch.setattr(safetensors_file, "_write_rows", dies)
+    args = ["convert", "--from-l4jax", str(src), "--to-hf", str(tmp_path / "out"), "--shard-size", "0.00006"]
+    with pytest.raises(Killed):
+        main(args)
+    partial = atomic.partial_dir(tmp_path / "out")
+    assert "model.embed_tokens.weight" not in json.loads((partial / conversion.PARTIAL).read_text())["done"]
+    monkeypatch.setattr(safetensors_file, "_write_rows", real)
+    assert main(args) == 0 and files(tmp_path / "out") == files(exported)
+
+
+@pytest.mark.parametrize("damage", ["missing chunk", "garbled chunk"])
+def test_a_damaged_chunk_of_a_tensor_read_in_blocks_is_named(hf, tmp_path, monkeypatch, capsys, damage):
+    """A chunk file of the embedding gone (TensorStore reads zeros in its place: the checksum tells) or garbled
+    (zstd fails): exit 2, one line naming the checkpoint and the parameter, nothing at the destination."""
+    src, _, _ = in_blocks(hf, tmp_path, monkeypatch)
+    chunk = src / "params" / "embed" / "value" / "2.0"
+    if damage == "missing chunk":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(b"\0" * 64)
+    assert main(["convert", "--from-l4jax", str(src), "--to-hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    want = ("is damaged: its bytes no longer match the checksum written with it" if damage == "missing chunk" else
+            "(missing or damaged): ")
+    assert err.startswith(f"l4jax: {src}: ") and "parameter 'embed' " in err and want in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # --quantize: each large weight quantized as it is read, stored as values and scales.

@@ -88,6 +88,20 @@ def test_host_memory_holds_one_tensor_at_a_time(exported, tmp_path):
     assert sorted(ref) == sorted(got) and all(ref[k].tobytes() == got[k].tobytes() for k in ref)
 
 
+def test_a_checkpoint_saved_from_a_mesh_exports_the_same_bytes(exported, tmp_path):
+    """``Model.save`` on a mesh stores each array in chunks of its shards: across the trailing axes for the
+    tensor-sharded ones (read whole by the export), along the rows for the others (read in blocks)."""
+    sharded = l4jax.load(exported / "l4", mesh=l4jax.make_mesh(fsdp=4, tensor=2))
+    sharded.save(tmp_path / "s")
+    chunks = {p.parent.parent.relative_to(tmp_path / "s" / "params").as_posix():
+              (json.loads(p.read_text())["chunks"], json.loads(p.read_text())["shape"])
+              for p in (tmp_path / "s" / "params").rglob(".zarray")}
+    assert any(c[1:] != s[1:] for c, s in chunks.values()) and any(c[0] < s[0] for c, s in chunks.values()), chunks
+    assert main(["convert", "--from-l4jax", str(tmp_path / "s"), "--to-hf", str(tmp_path / "back")]) == 0
+    ref, got = tensors(exported / "hf"), tensors(tmp_path / "back")
+    assert sorted(ref) == sorted(got) and all(ref[k].tobytes() == got[k].tobytes() for k in ref)
+
+
 @pytest.mark.slow
 def test_a_sharded_model_exports_the_same_bytes(exported, tmp_path):
     sharded = l4jax.load(exported / "l4", mesh=l4jax.make_mesh(data=2, expert=2, tensor=2))

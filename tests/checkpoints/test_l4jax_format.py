@@ -6,12 +6,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import l4jax
 from l4jax.data import corpus_dir
 from l4jax.cli import main
 from l4jax.checkpoints import l4jax_format
 from tiny import batch, damage_largest_file, hf_model, save, writer_with
+
+
+def hf_tensors(folder: Path) -> dict:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,7 @@ def test_converted_checkpoint_gives_identical_logits(converted):
 
 def test_checkpoints_written_with_ocdbt_still_load(converted, tmp_path, monkeypatch):
     """Before 2026-11-29 each item's array was an OCDBT database (Orbax's default); items are plain zarr folders
-    now. A checkpoint written the old way loads to the same logits."""
+    now. A checkpoint written the old way loads to the same logits and exports the same HF tensors."""
     import orbax.checkpoint as ocp
     th = ocp.type_handlers
 
@@ -50,6 +55,9 @@ def test_checkpoints_written_with_ocdbt_still_load(converted, tmp_path, monkeypa
     ids, mask, _ = batch()
     want = np.asarray(l4jax.load(converted / "l4")(ids, mask))
     np.testing.assert_array_equal(np.asarray(l4jax.load(tmp_path / "old")(ids, mask)), want)
+    assert main(["convert", "--from-l4jax", str(tmp_path / "old"), "--to-hf", str(tmp_path / "back")]) == 0
+    ref, back = hf_tensors(converted / "hf"), hf_tensors(tmp_path / "back")
+    assert sorted(ref) == sorted(back) and all(ref[k].tobytes() == back[k].tobytes() for k in ref)
 
 
 @pytest.mark.slow  # the default suite stays under 10 minutes
