@@ -1,14 +1,15 @@
 """Streaming conversion benchmark: throughput and peak host memory of ``l4jax convert``, against a plain copy.
 
-    python bench/convert.py [--config bench] [--layers 8] [--dir /tmp/l4jax-bench-convert]
+    python bench/convert.py [--config bench] [--layers 8] [--vocab N] [--dir /tmp/l4jax-bench-convert]
 
-Writes a random bf16 HF checkpoint of the given config (the ``bench`` preset is ~5.3 GB; ``--layers 1`` ~2.1 GB)
+Writes a random bf16 HF checkpoint of the given config (the ``bench`` preset is ~5.3 GB; ``--layers 1`` ~2.1 GB;
+``--layers 2 --vocab 32768`` ~1.2 GB, the issue's "~1 GB", where the experts outweigh the embedding and LM head)
 as ~1 GB safetensors shards with the HF key names, then runs, each in a fresh process: (1) a plain read of every
 tensor with ``safe_open``; (2) the copy baseline: that read, each tensor's bytes written to one file, fsync at the
 end; (3) import, ``l4jax convert --from-hf``; (4) export, ``--from-l4jax --to-hf``; (5) ``l4jax.load`` of the HF
 folder onto a 2-device mesh (simulated CPU devices); (6) resume: the export and the import again, each killed
-(SIGKILL) once 60% of its tensors are recorded, then the same command, timed alone. First, the start-up of a
-process that imports l4jax's CLI (in every l4jax figure). Prints seconds, MB/s, percent of the copy's MB/s and
+(SIGKILL) once tensors holding 60% of its bytes are recorded, then the same command, timed alone. First, the
+start-up of a process that imports l4jax's CLI (in every l4jax figure). Prints seconds, MB/s, percent of the copy's MB/s and
 peak RSS, with the bound the issue sets (largest tensor + 1 GB).
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 import yaml
 from safetensors.numpy import save_file
 
+from l4jax.checkpoints import hf_import
 from l4jax.checkpoints.hf_names import text_sources
 from l4jax.config import PRESET_DIR, load_config
 
@@ -72,10 +74,13 @@ l4jax.load(sys.argv[1], mesh=l4jax.make_mesh(tensor=2))
 """
 
 
-def write_checkpoint(folder: Path, config_name: str, layers: int | None, shard_bytes: int = 1 << 30) -> dict:
+def write_checkpoint(folder: Path, config_name: str, layers: int | None, shard_bytes: int = 1 << 30,
+                     vocab: int | None = None) -> dict:
     hf_cfg = dict(_hf_config(config_name), model_type="llama4_text")
     if layers is not None:
         hf_cfg["num_hidden_layers"] = layers
+    if vocab is not None:  # the special tokens' ids must fit in it
+        hf_cfg.update(vocab_size=vocab, bos_token_id=1, eos_token_id=[2], pad_token_id=0)
     cfg = load_config(hf_cfg).text
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(hf_cfg))
@@ -130,16 +135,20 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t, peak / 2**20  # kB -> GiB
 
 
-def kill_at(cmd: list[str], out: Path, fraction: float) -> float:
-    """Run ``cmd`` and SIGKILL it once ``fraction`` of its tensors are recorded in its partial folder; returns the
-    fraction recorded when it died."""
+def kill_at(cmd: list[str], out: Path, fraction: float, sizes: dict[str, int]) -> float:
+    """Run ``cmd`` and SIGKILL it once ``fraction`` of its bytes are in tensors recorded in its partial folder
+    (``sizes``: each tensor's bytes, by the name the record uses); returns the fraction recorded when it died."""
     record = out.parent / f".{out.name}.partial" / "l4jax.partial.json"
+    total = sum(sizes.values())
+
+    def recorded() -> float:
+        return sum(sizes[name] for name in json.loads(record.read_text())["done"]) / total
+
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = 0.0
     while proc.poll() is None:
         try:
-            r = json.loads(record.read_text())
-            done = len(r["done"]) / len(r["params"])
+            done = recorded()
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             pass
         if done >= fraction:
@@ -147,27 +156,27 @@ def kill_at(cmd: list[str], out: Path, fraction: float) -> float:
             break
         time.sleep(0.01)
     proc.wait()
-    r = json.loads(record.read_text())
-    return len(r["done"]) / len(r["params"])
+    return recorded()
 
 
-def resumed(cmd: list[str], out: Path, fraction: float = 0.6) -> tuple[str, float, float]:
-    """The same command after a SIGKILL at ``fraction`` of its tensors: (what, seconds, peak RSS)."""
+def resumed(cmd: list[str], out: Path, sizes: dict[str, int], fraction: float = 0.6) -> tuple[str, float, float]:
+    """The same command after a SIGKILL at ``fraction`` of its bytes: (what, seconds, peak RSS)."""
     shutil.rmtree(out, ignore_errors=True)
-    killed_at = kill_at(cmd, out, fraction)
-    return (f"after a kill at {killed_at:.0%}", *run(cmd))
+    killed_at = kill_at(cmd, out, fraction, sizes)
+    return (f"after a kill at {killed_at:.0%} of its bytes", *run(cmd))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="bench")
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the config's)")
     ap.add_argument("--dir", default="/tmp/l4jax-bench-convert")
     args = ap.parse_args()
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     src, dst = root / "hf", root / "l4jax"
-    write_checkpoint(src, args.config, args.layers)
+    write_checkpoint(src, args.config, args.layers, vocab=args.vocab)
     total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     largest = max(int(np.prod(s.shape)) * 2 for s in text_sources(load_config(src).text, "model.", "lm_head.weight"))
     convert = [sys.executable, "-m", "l4jax.cli", "convert"]
@@ -184,9 +193,10 @@ def main():
     rows += [("copy, again", *run([sys.executable, "-c", COPY, str(src), str(root / "copy.bin")])),
              ("import, again", *run(imp))]
     shutil.rmtree(root / "hf2")
-    what, sec, rss = resumed(exp, root / "hf2")
+    hf_sizes = {s.key: int(np.prod(s.shape)) * 2 for s in text_sources(load_config(src).text, "model.", "lm_head.weight")}
+    what, sec, rss = resumed(exp, root / "hf2", hf_sizes)
     rows.append((f"export resumed {what}", sec, rss))
-    what, sec, rss = resumed(imp, dst)
+    what, sec, rss = resumed(imp, dst, {"/".join(path): n for path, n, _ in hf_import.reads(src, load_config(src))})
     rows.append((f"import resumed {what}", sec, rss))
     print(f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, largest tensor "
           f"{largest / 1e9:.2f} GB; bound = largest + 1 GB = {largest / 2**30 + 1:.2f} GiB")

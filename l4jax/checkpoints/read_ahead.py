@@ -91,9 +91,11 @@ def held(read: Read) -> int:
 
 def default_budget(todo: list[Read]) -> int:
     """The largest tensor read whole, plus the blocks in flight of one read as ``Rows`` (so that a whole tensor is
-    read while a streamed one is written): the peak stays about that of one tensor."""
+    read while a streamed one is written), plus one block of room for the small tensors (norms, routers) read
+    beside them, which would otherwise hold the large one back until the streamed one is written: the peak stays
+    about that of one tensor."""
     whole = max((n for _, n, r in todo if not isinstance(r, Rows)), default=0)
-    return whole + max((held(r) for r in todo if isinstance(r[2], Rows)), default=0)
+    return whole + max((held(r) for r in todo if isinstance(r[2], Rows)), default=0) + BLOCK_BYTES
 
 
 @contextlib.contextmanager

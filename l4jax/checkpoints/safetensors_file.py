@@ -99,14 +99,22 @@ def _write_rows(f, name: str, rows: Rows) -> None:
 
 
 def read_rows(path: str | Path, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows start:stop (along the first axis) of tensor ``name``, read straight from the file's bytes: for dtypes
-    the ``safetensors`` library cannot hand to numpy (FP8: ``F8_E4M3``, ``F8_E5M2``)."""
-    with open(path, "rb") as f:
+    """Rows start:stop (along the first axis) of tensor ``name``, read straight from the file's bytes into a fresh
+    array: for dtypes the ``safetensors`` library cannot hand to numpy (FP8: ``F8_E4M3``, ``F8_E5M2``), and for
+    whole rows of any tensor (one ``read`` into the array: no memory map faulted in page by page, no second
+    copy). A file shorter than its header says is a ValueError."""
+    with open(path, "rb", buffering=0) as f:
         (n,) = struct.unpack("<Q", f.read(8))
         entry = json.loads(f.read(n))[name]
         dtype = NUMPY[entry["dtype"]]
         shape = entry["shape"]
         row = math.prod(shape[1:]) * dtype.itemsize
         f.seek(8 + n + entry["data_offsets"][0] + start * row)
-        data = np.frombuffer(f.read((stop - start) * row), dtype)
-    return data.reshape([stop - start] + shape[1:])
+        out = np.empty([stop - start] + shape[1:], dtype)
+        view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while got < out.nbytes:
+            k = f.readinto(view[got:])  # the kernel hands over at most ~2 GB per call
+            if not k:
+                raise ValueError(f"the file ends {got} bytes into the {out.nbytes} of rows {start}:{stop}")
+            got += k
+    return out

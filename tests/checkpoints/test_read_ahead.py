@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from l4jax.checkpoints.read_ahead import Rows, default_budget, interleave, read_ahead
+from l4jax.checkpoints.read_ahead import BLOCK_BYTES, Rows, default_budget, interleave, read_ahead
 from l4jax.checkpoints.read_ahead import held as held_bytes
 
 
@@ -69,7 +69,7 @@ def test_rows_are_handed_over_unread_and_count_as_their_blocks_in_flight():
 
     rows = Rows((4, 2), np.dtype(np.int64), 1, blocks)
     todo = [("rows", 64, rows), ("whole", 16, whole)]
-    assert held_bytes(todo[0]) == Rows.IN_FLIGHT * 16 and default_budget(todo) == 16 + Rows.IN_FLIGHT * 16
+    assert held_bytes(todo[0]) == Rows.IN_FLIGHT * 16 and default_budget(todo) == 16 + Rows.IN_FLIGHT * 16 + BLOCK_BYTES
     with read_ahead(todo, default_budget(todo)) as arrays:
         name, item = next(arrays)
         assert name == "rows" and item is rows
@@ -89,3 +89,17 @@ def test_rows_are_handed_over_unread_and_count_as_their_blocks_in_flight():
     assert len(log) == 6
     x = np.arange(10).reshape(5, 2)
     assert Rows((5, 2), x.dtype, 2, lambda: iter(x[i:i + 2] for i in (0, 2, 4))).read().tolist() == x.tolist()
+
+
+def test_a_small_tensor_between_does_not_hold_the_next_large_one_back():
+    """The embedding (streamed), a norm, the LM head (whole), as an import reads them: with the default budget the
+    LM head is read while the embedding's blocks are still being written, although the norm is held too."""
+    read = threading.Event()
+    rows = Rows((4, 2), np.dtype(np.int64), 1, lambda: iter(np.zeros((1, 2), np.int64) for _ in range(4)))
+    todo = [("embed", 64, rows), ("norm", 8, lambda: np.zeros(1)),
+            ("head", BLOCK_BYTES, lambda: read.set() or np.zeros(2))]
+    with read_ahead(todo, default_budget(todo)) as arrays:
+        name, item = next(arrays)
+        assert name == "embed" and read.wait(10)  # the embedding still in hand
+        del item
+        assert [name for name, _ in arrays] == ["norm", "head"]
