@@ -9,8 +9,8 @@ tensor with ``safe_open``; (2) the copy baseline: that read, each tensor's bytes
 end; (3) import, ``l4jax convert --from-hf``; (4) export, ``--from-l4jax --to-hf``; (5) ``l4jax.load`` of the HF
 folder onto a 2-device mesh (simulated CPU devices); (6) resume: the export and the import again, each killed
 (SIGKILL) once tensors holding 60% of its bytes are recorded, then the same command, timed alone. First, the
-start-up of a process that imports l4jax's CLI (in every l4jax figure). Prints seconds, MB/s, percent of the copy's MB/s and
-peak RSS, with the bound the issue sets (largest tensor + 1 GB).
+start-up of a process that imports l4jax's CLI (in every l4jax figure). Prints seconds, MB/s, percent of the
+copy's MB/s and peak RSS, with the bound the issue sets (largest tensor + 1 GB).
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def main():
     rows += [("copy, again", *run([sys.executable, "-c", COPY, str(src), str(root / "copy.bin")])),
              ("import, again", *run(imp))]
     shutil.rmtree(root / "hf2")
-    hf_sizes = {s.key: int(np.prod(s.shape)) * 2 for s in text_sources(load_config(src).text, "model.", "lm_head.weight")}
+    sources = text_sources(load_config(src).text, "model.", "lm_head.weight")
+    hf_sizes = {s.key: int(np.prod(s.shape)) * 2 for s in sources}
     what, sec, rss = resumed(exp, root / "hf2", hf_sizes)
     rows.append((f"export resumed {what}", sec, rss))
     what, sec, rss = resumed(imp, dst, {"/".join(path): n for path, n, _ in hf_import.reads(src, load_config(src))})
