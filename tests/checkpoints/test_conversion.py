@@ -482,6 +482,12 @@ def test_an_export_in_blocks_writes_the_files_of_a_whole_one(hf, exported, tmp_p
     assert not {"lm_head.weight", "model.layers.0.self_attn.q_proj.weight"} & streamed
     assert counts["embed"] > 3 and counts["lm_head"] > 3 and counts["layers_1/moe/gate"] > 1
     assert files(out) == files(exported)
+    streamed.clear()  # cast as they stream: the blocks of every part go through one bf16 block
+    assert main(["convert", "--from-l4jax", str(src), "--to-hf", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    ref, back = hf_tensors(hf / "hf"), hf_tensors(tmp_path / "bf16")
+    assert "model.embed_tokens.weight" in streamed and sorted(ref) == sorted(back)
+    assert all(back[k].dtype == ml_dtypes.bfloat16 and np.array_equal(ref[k].astype(ml_dtypes.bfloat16), back[k])
+               for k in ref)
 
 
 def test_an_export_killed_while_a_tensor_is_written_in_blocks(hf, exported, tmp_path, monkeypatch):
