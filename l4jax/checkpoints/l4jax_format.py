@@ -10,10 +10,11 @@
 
 One Orbax item per tensor (rather than one pytree) is what bounds memory: Orbax 0.12 saves a pytree in one call, so
 a whole-model save needs the whole model in host memory. Restoring targets each item's NamedSharding, so every
-process reads only its devices' shards. A checkpoint is written into a temporary sibling folder and renamed into
-place at the end (``atomic.atomic_dir``): an interrupted conversion never leaves a half-written checkpoint at the
-destination. Each tensor's checksum is written with it and checked as it is read back (checkpoints written before
-checksums existed are read without the check).
+process reads only its devices' shards; a streamed export reads an item's zarr chunks in blocks of rows with
+TensorStore (``stored_rows``), so a large tensor is never whole in memory there either. A checkpoint is written into
+a temporary sibling folder and renamed into place at the end (``atomic.atomic_dir``): an interrupted conversion
+never leaves a half-written checkpoint at the destination. Each tensor's checksum is written with it and checked as
+it is read back (checkpoints written before checksums existed are read without the check).
 """
 
 from __future__ import annotations
