@@ -11,8 +11,8 @@ blocks of C/4, and each block scores only its own and the four previous blocks o
 Otherwise (global layers, and chunked layers over fewer tokens), more than ``Kernels.query_block`` fresh tokens go
 through ``attend_by_query_blocks``: blocks of queries, each scoring only the keys up to its own end, recomputed
 rather than kept under autodiff, so neither a long prefill nor a long training row holds a [T, T] score matrix.
-With ``Kernels.attention = "flash"`` (a GPU), fresh tokens with no cached keys before them (training, a prefill)
-go through the fused kernel of ``flash.py`` instead.
+With ``Kernels.attention = "flash"`` (a GPU) or ``"flash_tpu"`` (a TPU), fresh tokens with no cached keys before
+them (training, a prefill) go through the fused kernel of ``flash.py`` instead.
 """
 
 from __future__ import annotations
@@ -29,11 +29,16 @@ from .axes import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HE
                    Partitioning)
 from .cache import LayerKV, as_keys, cached_slots, write
 from .context import attend_split
-from .flash import flash_attend, segments
+from .flash import flash_attend, flash_attend_tpu, segments
 from .kernels import Kernels
 from .layers import param, project, rms_normalize
 from .masks import chunk_ids, document_groups, temperature_scales, visible
 from .rope import apply_rope
+
+
+# The default matmul precisions (jax_default_matmul_precision) under which the TPU kernel takes bf16 q, k, v; under
+# a higher one ("highest": bf16 products are exact either way) Mosaic refuses its dots and the XLA paths run.
+FLASH_TPU_PRECISIONS = (None, "default", "bfloat16", "fastest", "DEFAULT")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, k_axes: str = "bskd",
@@ -253,8 +258,9 @@ class Attention(nn.Module):
             return attend_split(q, k, v, ctx.q_index, k_valid, group, scale, chunk, self.part,
                                 self.kernels.query_block), kv
         if past is None and self.kernels.attention != "xla" and k.shape[1] > 1:
-            return flash_attend(q, k, v, segments(k_valid, group), scale,
-                                interpret=self.kernels.attention == "flash_interpret"), kv
+            out = self._fused(q, k, v, segments(k_valid, group), scale)
+            if out is not None:
+                return out, kv
         if use_local(k.shape[1], L, chunk):
             return attend_local(q, k, v, ctx.q_index, group, k_valid, group, scale, chunk, past), kv
         k_index, k_group = ctx.q_index, group
@@ -266,6 +272,28 @@ class Attention(nn.Module):
             return attend_by_query_blocks(q, k, v, ctx.q_index, k_index, k_valid, group, k_group, scale,
                                           self.kernels.query_block), kv
         return attend(q, k, v, visible(ctx.q_index, k_index, k_valid, group, k_group), scale), kv
+
+    def _fused(self, q, k, v, segment_ids, scale) -> jax.Array | None:
+        """The fused kernel of ``Kernels.attention`` over fresh tokens. The TPU kernel runs per device on a mesh
+        (``shard_map`` over the batch and head axes, each device its own rows and heads: a custom call that XLA
+        cannot split would otherwise be fed whole); None when the heads do not split evenly with their kv heads
+        (the XLA paths then)."""
+        if self.kernels.attention != "flash_tpu":
+            return flash_attend(q, k, v, segment_ids, scale, interpret=self.kernels.attention == "flash_interpret")
+        if q.dtype == jnp.bfloat16 and jax.config.jax_default_matmul_precision not in FLASH_TPU_PRECISIONS:
+            return None  # Mosaic compiles the kernel's bf16 products only at the default precision ("Bad lhs type")
+        if self.part.mesh is None:
+            return flash_attend_tpu(q, k, v, segment_ids, scale)
+        names = {"q": (BATCH, LENGTH, ACT_HEADS, None), "kv": (BATCH, LENGTH, ACT_KV_HEADS, None)}
+        specs = {n: self.part.sharding(axes, x.shape).spec for (n, axes), x in zip(names.items(), (q, k))}
+        sizes = {n: [self.part.axis_size(e) for e in spec] for n, spec in specs.items()}
+        if (sizes["q"][2] != sizes["kv"][2] or any(x.shape[i] % sizes[n][i] for n, x in (("q", q), ("kv", k))
+                                                     for i in range(len(sizes[n])))):
+            return None
+        seg = jax.sharding.PartitionSpec(*specs["q"][:2])
+        return jax.shard_map(functools.partial(flash_attend_tpu, scale=scale), mesh=self.part.mesh,
+                             in_specs=(specs["q"], specs["kv"], specs["kv"], seg), out_specs=specs["q"],
+                             check_vma=False)(q, k, v, segment_ids)
 
     @staticmethod
     def _cached(slots: jax.Array, ctx: Context, chunk: int | None) -> tuple[jax.Array, jax.Array | None]:

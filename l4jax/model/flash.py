@@ -1,4 +1,4 @@
-"""Fused (flash) attention for training and prefill: Pallas' GPU kernel, which never writes the [T, T] scores.
+"""Fused (flash) attention for training and prefill: Pallas' kernels, which never write the [T, T] scores.
 
 The kernel (``jax.experimental.pallas.ops.gpu.attention.mha``, Triton) scores each block of queries against the
 keys it can see, causal and within one segment, with the softmax accumulated online; its backward pass recomputes
@@ -7,6 +7,11 @@ packed document (and its chunk), or all of a row's real tokens; padding slots ge
 has. GQA repeats each kv head for its query heads (the kernel wants as many kv heads as q heads).
 
 On the CPU the same kernel runs in Pallas' interpret mode (``interpret=True``): slow, for tests of its numbers.
+
+``flash_attend_tpu`` is the same attention through Pallas' TPU flash kernel
+(``jax.experimental.pallas.ops.tpu.flash_attention``: [B, H, T, hd] blocks of 128, segment ids compared for
+equality as above, causal, its own backward kernels). On the CPU it runs only inside
+``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``, held while the gradient is traced too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention
 
 BLOCK = 128  # query and key block of the forward kernel; T is padded up to a multiple
 BACKWARD_BLOCK = 32  # the backward kernels' blocks (the kernel's defaults)
@@ -45,3 +51,26 @@ def flash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arra
     out = pallas_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=True, block_sizes=sizes,
                                interpret=interpret)
     return out[:, :T]
+
+
+TPU_BLOCK = 128  # the TPU kernel's blocks of queries and keys (forward and backward); T is padded up to a multiple
+
+
+def flash_attend_tpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float) -> jax.Array:
+    """``flash_attend`` through the TPU kernel: q [B, T, H, hd]; k, v [B, T, K, hd]; segment_ids [B, T] (0 =
+    padding) -> [B, T, H, hd]."""
+    T, H = q.shape[1], q.shape[2]
+    pad = -T % TPU_BLOCK
+    if pad:  # padded slots are a segment of their own (-1): no real query sees them
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    rep = H // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)  # kv head j serves query heads j*rep ...
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    b = TPU_BLOCK
+    sizes = tpu_attention.BlockSizes(block_q=b, block_k_major=b, block_k=b, block_b=1, block_q_major_dkv=b,
+                                     block_k_major_dkv=b, block_k_dkv=b, block_q_dkv=b, block_k_major_dq=b,
+                                     block_k_dq=b, block_q_dq=b)
+    out = tpu_attention.flash_attention(q, k, v, segment_ids=tpu_attention.SegmentIds(segment_ids, segment_ids),
+                                        causal=True, sm_scale=scale, block_sizes=sizes)
+    return out.transpose(0, 2, 1, 3)[:, :T]

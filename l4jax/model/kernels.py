@@ -6,7 +6,8 @@
                  dense path whichever this says (moe.py)
     attention    training and prefill attention: "xla" (the blockwise XLA paths of attention.py, everywhere),
                  "flash" (the fused Pallas kernel of flash.py: GPU), "flash_interpret" (that kernel in Pallas'
-                 interpret mode, for tests on the CPU); decode steps always score the cache in XLA
+                 interpret mode, for tests on the CPU), "flash_tpu" (Pallas' TPU flash kernel, flash.py; on the
+                 CPU inside ``pltpu.force_tpu_interpret_mode()``); decode steps always score the cache in XLA
     query_block  the XLA path scores at most this many queries at once
 
 ``Kernels.for_platform`` picks the defaults of the chip a program is compiled for: what ``l4jax.load``, the trainer
@@ -22,7 +23,7 @@ import jax
 from ..config import ConfigError
 from .gmm import IMPLS as MOE_IMPLS
 
-ATTENTION_IMPLS = ("xla", "flash", "flash_interpret")
+ATTENTION_IMPLS = ("xla", "flash", "flash_interpret", "flash_tpu")
 # The XLA path scores at most this many queries at once: [B, H, 1024, S] fp32 is 2 GiB for the bench preset at
 # S = 32768, where all T queries at once would need 64 GiB.
 QUERY_BLOCK = 1024
@@ -48,8 +49,8 @@ class Kernels:
                      query_block: int = QUERY_BLOCK, training: bool = False) -> "Kernels":
         """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``moe="auto"`` is the native ragged dot for
         inference on a TPU, the Mosaic GPU kernels on a Hopper (or newer) GPU and the tile schedule elsewhere;
-        ``attention="auto"`` the fused kernel on a GPU and the XLA paths elsewhere. A program compiled ahead for a
-        GPU target (``l4jax plan``) counts as Hopper: the targets are H100s.
+        ``attention="auto"`` the fused kernel on a GPU and on a TPU (each its own), the XLA paths elsewhere. A
+        program compiled ahead for a GPU target (``l4jax plan``) counts as Hopper: the targets are H100s.
 
         Training keeps the tile schedule on TPUs too: compiled for a v5e (jax 0.10.2), the backward pass of
         ``lax.ragged_dot`` fails in Mosaic ("Bad lhs type"), with or without a float32 result type."""
@@ -60,7 +61,9 @@ class Kernels:
         elif moe == "mgpu" and not gpu:
             raise ConfigError(f"moe_impl: 'mgpu' is the Hopper GPU kernel; this program is for {platform}")
         if attention == "auto":
-            attention = "flash" if gpu else "xla"
+            attention = "flash" if gpu else "flash_tpu" if platform == "tpu" else "xla"
+        elif attention == "flash_tpu" and gpu:
+            raise ConfigError(f"attention_impl: 'flash_tpu' is the TPU kernel; this program is for {platform}")
         return cls(moe, attention, query_block)
 
 

@@ -67,7 +67,7 @@ class TrainConfig:
     scan: bool = True
     remat: str = "none"                  # see model.decoder.REMAT_POLICIES
     moe_impl: str = "auto"               # see model/kernels.py
-    attention_impl: str = "auto"         # "auto": the fused kernel on a GPU, the XLA paths elsewhere
+    attention_impl: str = "auto"         # "auto": the chip's fused kernel on a GPU or TPU, the XLA paths elsewhere
     query_block: int = QUERY_BLOCK       # the XLA attention path scores at most this many queries at once
     # optional router terms (the reference trains without them)
     load_balance: float = 0.0
@@ -107,9 +107,10 @@ class TrainConfig:
         for f in ("compute_dtype", "param_dtype"):  # "bf16" is accepted and stored as "bfloat16"
             object.__setattr__(self, f, dtype_name(getattr(self, f), f"TrainConfig.{f}", ("float32", "bfloat16")))
         try:
-            # The names only ("gpu" takes every one); the chip is checked when the step is built for it.
-            Kernels.for_platform("gpu", moe=self.moe_impl, attention=self.attention_impl,
-                                 query_block=self.query_block)
+            # The names only (a GPU takes every one but the TPU's attention kernel); the chip is checked when the
+            # step is built for it.
+            Kernels.for_platform("tpu" if self.attention_impl == "flash_tpu" else "gpu", moe=self.moe_impl,
+                                 attention=self.attention_impl, query_block=self.query_block)
         except ConfigError as e:
             raise ConfigError(f"TrainConfig.{e}") from None
         if self.remat not in REMAT_POLICIES:

@@ -1,17 +1,22 @@
 """Attention paths: blockwise chunked attention and query blocks equal one dense pass (outputs and gradients),
 and score only the keys they can see."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
+import l4jax
 from l4jax.model import attention
 from l4jax.model.attention import attend, attend_by_query_blocks, attend_local, use_local
 from l4jax.model.cache import cached_slots
-from l4jax.model.flash import flash_attend, segments
+from l4jax.model.flash import flash_attend, flash_attend_tpu, segments
 from l4jax.model.masks import chunk_ids, document_groups, segment_positions, visible
 from masks_reference import segment_mask
+from tiny import batch, hf_logits, hf_model, rel_err, save
 
 
 # -- blockwise chunked attention --------------------------------------------------------------------------------
@@ -126,10 +131,12 @@ def test_query_blocks_score_only_visible_keys(monkeypatch):
     assert scored == [(44, 88), (44, 130)]
 
 
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_flash_kernel_equals_dense_attention(packed):
-    """The fused kernel (Pallas, interpret mode on the CPU) against the dense path, outputs and gradients: left
-    padding and chunks of 8, or packed documents with chunks counted per document; T = 37 is padded to a block."""
+def test_flash_kernel_equals_dense_attention(packed, kernel):
+    """The fused kernels (Pallas' GPU and TPU ones, in interpret mode on the CPU) against the dense path, outputs
+    and gradients: left padding and chunks of 8, or packed documents with chunks counted per document; T = 37 is
+    padded to a block."""
     B, T, H, K, hd, C = 2, 37, 4, 2, 16, 8
     rng = np.random.default_rng(3)
     q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, hd)), jnp.float32) for n in (H, K, K))
@@ -143,13 +150,56 @@ def test_flash_kernel_equals_dense_attention(packed):
     w = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32) * valid[:, :, None, None]
 
     def flash(q, k, v):
+        if kernel == "tpu":
+            return flash_attend_tpu(q, k, v, segments(valid, group), 0.25)
         return flash_attend(q, k, v, segments(valid, group), 0.25, interpret=True)
 
     def dense(q, k, v):
         return attend(q, k, v, visible(idx, idx, valid, group, group), 0.25)
 
     real = np.asarray(valid)
-    np.testing.assert_allclose(np.asarray(flash(q, k, v))[real], np.asarray(dense(q, k, v))[real], atol=2e-6)
-    got, want = (jax.grad(lambda *a: jnp.sum(f(*a) * w), (0, 1, 2))(q, k, v) for f in (flash, dense))
+    interpret = pltpu.force_tpu_interpret_mode() if kernel == "tpu" else contextlib.nullcontext()
+    # The TPU kernel's forward and backward are both traced in here, and finished before anything else runs: in
+    # interpret mode its host callbacks run jax themselves, and a dispatch beside them can deadlock the CPU client.
+    with interpret:
+        out = np.asarray(flash(q, k, v))
+        got = jax.block_until_ready(jax.grad(lambda *a: jnp.sum(flash(*a) * w), (0, 1, 2))(q, k, v))
+    np.testing.assert_allclose(out[real], np.asarray(dense(q, k, v))[real], atol=2e-6)
+    want = jax.grad(lambda *a: jnp.sum(dense(*a) * w), (0, 1, 2))(q, k, v)
     for g, h in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("mesh", [None, dict(data=2, fsdp=2, tensor=2)])
+def test_the_tpu_kernel_in_the_model_matches_transformers(mesh, tmp_path, monkeypatch):
+    """The Scout-like model with its training and prefill attention in the TPU flash kernel (interpret mode), on one
+    device and on a mesh, where each device runs the kernel on its own rows and heads: transformers' logits, and
+    every layer took the kernel."""
+    model = hf_model("scout")
+    folder = save(model, tmp_path)
+    shapes, real = [], attention.flash_attend_tpu
+    monkeypatch.setattr(attention, "flash_attend_tpu", lambda q, *a, **k: shapes.append(q.shape) or real(q, *a, **k))
+    ids, mask, pos = batch(lengths=(21, 16, 9, 12))
+    with pltpu.force_tpu_interpret_mode():
+        ours = l4jax.load(folder, mesh=mesh and l4jax.make_mesh(**mesh), attention_impl="flash_tpu")
+        logits = np.asarray(ours(ids, mask))  # finished here (see test_flash_kernel_equals_dense_attention)
+    per_device = (4, 4) if mesh is None else (1, 2)  # rows over data x fsdp, heads over tensor
+    assert len(shapes) == model.config.num_hidden_layers and {(s[0], s[2]) for s in shapes} == {per_device}, shapes
+    assert rel_err(logits, hf_logits(model, ids, mask, pos), mask) <= 1e-4
+
+
+def test_the_tpu_kernel_gives_way_to_xla_for_bf16_at_the_highest_precision(tmp_path, monkeypatch):
+    """Mosaic refuses the kernel's bf16 products under a "highest" default matmul precision (this suite's): bf16
+    attention then takes the XLA paths, with their logits; at the default precision the kernel runs."""
+    folder = save(hf_model("scout"), tmp_path)
+    shapes, real = [], attention.flash_attend_tpu
+    monkeypatch.setattr(attention, "flash_attend_tpu", lambda q, *a, **k: shapes.append(q.shape) or real(q, *a, **k))
+    ids, mask, _ = batch()
+    want = np.asarray(l4jax.load(folder, dtype="bfloat16", attention_impl="xla")(ids, mask))
+    with pltpu.force_tpu_interpret_mode():
+        got = np.asarray(l4jax.load(folder, dtype="bfloat16", attention_impl="flash_tpu")(ids, mask))
+        assert shapes == []
+        with jax.default_matmul_precision("default"):
+            np.asarray(l4jax.load(folder, dtype="bfloat16", attention_impl="flash_tpu")(ids, mask))
+    assert len(shapes) == 4
+    np.testing.assert_array_equal(got, want)
