@@ -30,15 +30,10 @@ from .axes import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HE
 from .cache import LayerKV, as_keys, cached_slots, write
 from .context import attend_split
 from .flash import flash_attend, flash_attend_tpu, segments
-from .kernels import Kernels
+from .kernels import DEFAULT_PRECISIONS, Kernels
 from .layers import param, project, rms_normalize
 from .masks import chunk_ids, document_groups, temperature_scales, visible
 from .rope import apply_rope
-
-
-# The default matmul precisions (jax_default_matmul_precision) under which the TPU kernel takes bf16 q, k, v; under
-# a higher one ("highest": bf16 products are exact either way) Mosaic refuses its dots and the XLA paths run.
-FLASH_TPU_PRECISIONS = (None, "default", "bfloat16", "fastest", "DEFAULT")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, k_axes: str = "bskd",
@@ -280,7 +275,7 @@ class Attention(nn.Module):
         (the XLA paths then)."""
         if self.kernels.attention != "flash_tpu":
             return flash_attend(q, k, v, segment_ids, scale, interpret=self.kernels.attention == "flash_interpret")
-        if q.dtype == jnp.bfloat16 and jax.config.jax_default_matmul_precision not in FLASH_TPU_PRECISIONS:
+        if q.dtype == jnp.bfloat16 and jax.config.jax_default_matmul_precision not in DEFAULT_PRECISIONS:
             return None  # Mosaic compiles the kernel's bf16 products only at the default precision ("Bad lhs type")
         if self.part.mesh is None:
             return flash_attend_tpu(q, k, v, segment_ids, scale)

@@ -24,6 +24,9 @@ from ..config import ConfigError
 from .gmm import IMPLS as MOE_IMPLS
 
 ATTENTION_IMPLS = ("xla", "flash", "flash_interpret", "flash_tpu")
+# Values of jax_default_matmul_precision under which Mosaic compiles a TPU kernel's bf16 products (a higher one,
+# "highest", gives "Bad lhs type"; bf16 products are exact either way).
+DEFAULT_PRECISIONS = (None, "default", "DEFAULT", "bfloat16", "fastest")
 # The XLA path scores at most this many queries at once: [B, H, 1024, S] fp32 is 2 GiB for the bench preset at
 # S = 32768, where all T queries at once would need 64 GiB.
 QUERY_BLOCK = 1024
@@ -52,11 +55,14 @@ class Kernels:
         ``attention="auto"`` the fused kernel on a GPU and on a TPU (each its own), the XLA paths elsewhere. A
         program compiled ahead for a GPU target (``l4jax plan``) counts as Hopper: the targets are H100s.
 
-        Training keeps the tile schedule on TPUs too: compiled for a v5e (jax 0.10.2), the backward pass of
-        ``lax.ragged_dot`` fails in Mosaic ("Bad lhs type"), with or without a float32 result type."""
+        Training on a TPU takes the native ragged dot too, at jax's default matmul precision: under a higher one
+        (``jax_default_matmul_precision="highest"``, as this project's tests set) Mosaic refuses the bf16 products
+        of its backward pass ("Bad lhs type", compiled for a v5e with jax 0.10.2), and training keeps the tile
+        schedule."""
         gpu = platform in ("gpu", "cuda")
         if moe == "auto":
-            moe = ("ragged_dot" if platform == "tpu" and not training else
+            native = not training or jax.config.jax_default_matmul_precision in DEFAULT_PRECISIONS
+            moe = ("ragged_dot" if platform == "tpu" and native else
                    "mgpu" if gpu and _hopper_or_no_local_gpu() else "scan")
         elif moe == "mgpu" and not gpu:
             raise ConfigError(f"moe_impl: 'mgpu' is the Hopper GPU kernel; this program is for {platform}")
