@@ -33,7 +33,7 @@ from ..config import Llama4Config
 from ..parallel.distributed import to_numpy
 from . import safetensors_file
 from .atomic import atomic_dir
-from .read_ahead import Rows, put_transposed
+from .read_ahead import Rows, put_rows
 from .hf_names import Source, sources
 from .l4jax_format import copy_side_files, first_line
 
@@ -52,28 +52,16 @@ def _place(out: np.ndarray, s: Source, value: np.ndarray | Rows) -> None:
     """Write one l4jax parameter back into its (part of an) HF tensor: undo the reshape, then the transpose (in
     tiles that stay in the CPU's caches), casting to ``out``'s dtype on the way. A parameter given as ``Rows`` is
     placed block by block as its blocks come (a transpose overlaps the reading of the next blocks)."""
-    shape = s.read_shape
-    want = s.out_shape or (shape[::-1] if s.transpose else shape)
+    rows = s.read_shape[::-1] if s.transpose else s.read_shape  # the parameter as rows of the (transposed) HF tensor
+    want = s.out_shape or rows
     if tuple(value.shape) != tuple(want):
         raise ValueError(f"parameter {'/'.join(s.path)!r} has shape {list(value.shape)}; {s.key!r} needs "
                          f"{list(want)}")
-    rows = shape[::-1] if s.transpose else shape  # the parameter as rows of the (transposed) HF tensor
     if isinstance(value, Rows) and math.prod(want[1:]) % math.prod(rows[1:]) == 0:  # a block is whole rows of it
-        dst, row = out[s.part or ...], 0
-        for block in value.blocks():
-            block = block.reshape(-1, *rows[1:])
-            if s.transpose:
-                put_transposed(dst[:, row:row + len(block)], block)
-            else:
-                dst[row:row + len(block)] = block
-            row += len(block)
-            del block
-        return
-    value = value.read() if isinstance(value, Rows) else value
-    if s.transpose:
-        put_transposed(out[s.part or ...], value.reshape(rows))
+        blocks = (block.reshape(-1, *rows[1:]) for block in value.blocks())
     else:
-        out[s.part or ...] = value.reshape(shape)
+        blocks = [(value.read() if isinstance(value, Rows) else value).reshape(rows)]
+    put_rows(out[s.part or ...], blocks, s.transpose)
 
 
 @dataclasses.dataclass(frozen=True)

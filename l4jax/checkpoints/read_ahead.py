@@ -57,18 +57,25 @@ class Rows:
     def read(self) -> np.ndarray:
         """The whole tensor, filled block by block (one allocation: a transpose or a cast never holds a second
         full copy)."""
-        out, row = np.empty(self.shape, self.dtype), 0
-        for block in self.blocks():
-            if self.transposed:
-                put_transposed(out[:, row:row + len(block)], block)
-            else:
-                out[row:row + len(block)] = block
-            row += len(block)
-            del block
+        out = np.empty(self.shape, self.dtype)
+        put_rows(out, self.blocks(), self.transposed)
         return out
 
 
 TILE = 256
+
+
+def put_rows(dst: np.ndarray, blocks: Iterator[np.ndarray], transposed: bool = False) -> None:
+    """Fill ``dst`` from consecutive blocks of its rows, or with ``transposed`` of the rows of its transpose
+    (dst[:, rows] = block.T), casting to its dtype on the way."""
+    row = 0
+    for block in blocks:
+        if transposed:
+            put_transposed(dst[:, row:row + len(block)], block)
+        else:
+            dst[row:row + len(block)] = block
+        row += len(block)
+        del block
 
 
 def put_transposed(dst: np.ndarray, block: np.ndarray) -> None:

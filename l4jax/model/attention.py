@@ -30,7 +30,7 @@ from .axes import (ACT_HEADS, ACT_KV_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HE
 from .cache import LayerKV, as_keys, cached_slots, write
 from .context import attend_split
 from .flash import flash_attend, flash_attend_tpu, segments
-from .kernels import DEFAULT_PRECISIONS, Kernels
+from .kernels import Kernels, mosaic_takes_bf16
 from .layers import param, project, rms_normalize
 from .masks import chunk_ids, document_groups, temperature_scales, visible
 from .rope import apply_rope
@@ -275,19 +275,21 @@ class Attention(nn.Module):
         (the XLA paths then)."""
         if self.kernels.attention != "flash_tpu":
             return flash_attend(q, k, v, segment_ids, scale, interpret=self.kernels.attention == "flash_interpret")
-        if q.dtype == jnp.bfloat16 and jax.config.jax_default_matmul_precision not in DEFAULT_PRECISIONS:
+        if q.dtype == jnp.bfloat16 and not mosaic_takes_bf16():
             return None  # Mosaic compiles the kernel's bf16 products only at the default precision ("Bad lhs type")
-        if self.part.mesh is None:
+        part = self.part
+        if part.mesh is None:
             return flash_attend_tpu(q, k, v, segment_ids, scale)
-        names = {"q": (BATCH, LENGTH, ACT_HEADS, None), "kv": (BATCH, LENGTH, ACT_KV_HEADS, None)}
-        specs = {n: self.part.sharding(axes, x.shape).spec for (n, axes), x in zip(names.items(), (q, k))}
-        sizes = {n: [self.part.axis_size(e) for e in spec] for n, spec in specs.items()}
-        if (sizes["q"][2] != sizes["kv"][2] or any(x.shape[i] % sizes[n][i] for n, x in (("q", q), ("kv", k))
-                                                     for i in range(len(sizes[n])))):
+        q_spec = part.sharding((BATCH, LENGTH, ACT_HEADS, None), q.shape).spec
+        kv_spec = part.sharding((BATCH, LENGTH, ACT_KV_HEADS, None), k.shape).spec
+
+        def even(spec, x):  # every dimension splits evenly over its mesh axes
+            return all(n % part.axis_size(e) == 0 for e, n in zip(spec, x.shape))
+        if part.axis_size(q_spec[2]) != part.axis_size(kv_spec[2]) or not (even(q_spec, q) and even(kv_spec, k)):
             return None
-        seg = jax.sharding.PartitionSpec(*specs["q"][:2])
-        return jax.shard_map(functools.partial(flash_attend_tpu, scale=scale), mesh=self.part.mesh,
-                             in_specs=(specs["q"], specs["kv"], specs["kv"], seg), out_specs=specs["q"],
+        seg_spec = jax.sharding.PartitionSpec(*q_spec[:2])
+        return jax.shard_map(functools.partial(flash_attend_tpu, scale=scale), mesh=part.mesh,
+                             in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
                              check_vma=False)(q, k, v, segment_ids)
 
     @staticmethod

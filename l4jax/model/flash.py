@@ -32,19 +32,25 @@ def segments(valid: jax.Array, group: jax.Array | None) -> jax.Array:
     return jnp.where(valid, seg, 0).astype(jnp.int32)
 
 
+def _padded(q, k, v, segment_ids, block: int):
+    """q, k, v and segment ids with T padded up to a multiple of ``block`` (padded slots are a segment of their own,
+    -1: no real query sees them), each kv head repeated for its query heads (kv head j serves j*rep ...)."""
+    pad = -q.shape[1] % block
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    rep = q.shape[2] // k.shape[2]
+    return q, jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2), segment_ids
+
+
 def flash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float, *,
                  interpret: bool = False) -> jax.Array:
     """Causal attention within segments. q [B, T, H, hd]; k, v [B, T, K, hd] (the same T tokens, no cache);
     segment_ids [B, T] int (0 = padding) -> [B, T, H, hd]. Rows of padding queries are garbage (finite)."""
-    B, T, H, hd = q.shape
+    T = q.shape[1]
     # Triton blocks are powers of two: a shorter row is padded up to one (at least the backward block).
     block = BLOCK if T >= BLOCK else max(BACKWARD_BLOCK, 1 << (T - 1).bit_length())
-    pad = -T % block
-    if pad:  # padded slots are a segment of their own (-1): no real query sees them
-        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    rep = H // k.shape[2]
-    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)  # kv head j serves query heads j*rep ...
+    q, k, v, segment_ids = _padded(q, k, v, segment_ids, block)
     b = BACKWARD_BLOCK
     sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=b, block_kv_dkv=b, block_q_dq=b,
                                         block_kv_dq=b)
@@ -59,13 +65,8 @@ TPU_BLOCK = 128  # the TPU kernel's blocks of queries and keys (forward and back
 def flash_attend_tpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float) -> jax.Array:
     """``flash_attend`` through the TPU kernel: q [B, T, H, hd]; k, v [B, T, K, hd]; segment_ids [B, T] (0 =
     padding) -> [B, T, H, hd]."""
-    T, H = q.shape[1], q.shape[2]
-    pad = -T % TPU_BLOCK
-    if pad:  # padded slots are a segment of their own (-1): no real query sees them
-        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    rep = H // k.shape[2]
-    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)  # kv head j serves query heads j*rep ...
+    T = q.shape[1]
+    q, k, v, segment_ids = _padded(q, k, v, segment_ids, TPU_BLOCK)
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     b = TPU_BLOCK
     sizes = tpu_attention.BlockSizes(block_q=b, block_k_major=b, block_k=b, block_b=1, block_q_major_dkv=b,

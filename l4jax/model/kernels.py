@@ -27,6 +27,11 @@ ATTENTION_IMPLS = ("xla", "flash", "flash_interpret", "flash_tpu")
 # Values of jax_default_matmul_precision under which Mosaic compiles a TPU kernel's bf16 products (a higher one,
 # "highest", gives "Bad lhs type"; bf16 products are exact either way).
 DEFAULT_PRECISIONS = (None, "default", "DEFAULT", "bfloat16", "fastest")
+
+
+def mosaic_takes_bf16() -> bool:
+    """Whether TPU kernels (Mosaic) compile bf16 products under the current default matmul precision."""
+    return jax.config.jax_default_matmul_precision in DEFAULT_PRECISIONS
 # The XLA path scores at most this many queries at once: [B, H, 1024, S] fp32 is 2 GiB for the bench preset at
 # S = 32768, where all T queries at once would need 64 GiB.
 QUERY_BLOCK = 1024
@@ -50,8 +55,8 @@ class Kernels:
     @classmethod
     def for_platform(cls, platform: str, *, moe: str = "auto", attention: str = "auto",
                      query_block: int = QUERY_BLOCK, training: bool = False) -> "Kernels":
-        """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``moe="auto"`` is the native ragged dot for
-        inference on a TPU, the Mosaic GPU kernels on a Hopper (or newer) GPU and the tile schedule elsewhere;
+        """The kernels for ``platform`` ("gpu", "tpu", "cpu"): ``moe="auto"`` is the native ragged dot on a
+        TPU (training: see below), the Mosaic GPU kernels on a Hopper (or newer) GPU and the tile schedule elsewhere;
         ``attention="auto"`` the fused kernel on a GPU and on a TPU (each its own), the XLA paths elsewhere. A
         program compiled ahead for a GPU target (``l4jax plan``) counts as Hopper: the targets are H100s.
 
@@ -61,7 +66,7 @@ class Kernels:
         schedule."""
         gpu = platform in ("gpu", "cuda")
         if moe == "auto":
-            native = not training or jax.config.jax_default_matmul_precision in DEFAULT_PRECISIONS
+            native = not training or mosaic_takes_bf16()
             moe = ("ragged_dot" if platform == "tpu" and native else
                    "mgpu" if gpu and _hopper_or_no_local_gpu() else "scan")
         elif moe == "mgpu" and not gpu:
